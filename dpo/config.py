@@ -1,0 +1,256 @@
+"""Typed configuration: one YAML file serves every stage, dotted overrides on top.
+
+`load_config(path, overrides)` is the only way in. Every mistake a user can make
+here (unknown key, wrong type, bad value, missing file) raises `ConfigError`
+with one line that names the key and what to do about it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Entry points print it as one line and exit 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "dpo"
+    output_dir: str = "runs/dpo"
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(default_factory=list)
+    eval_files: list[str] = Field(default_factory=list)
+    format: Literal["auto", "explicit", "conversational", "implicit"] = "auto"
+    max_length: int = Field(512, gt=1)
+    max_prompt_length: int = Field(256, gt=0)
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    # Input rows per deterministic shard: the unit of resume and of output files.
+    shard_rows: int = Field(1000, gt=0)
+    # An input file that cannot be read at all: fail the job naming it, or record
+    # it in rejects.jsonl and go on with the other files.
+    on_unreadable_file: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "DataConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"data.max_length ({self.max_length}) so every prompt leaves room for a reply"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    policy: str = ""
+    reference: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Custom modelling code runs arbitrary Python from the model folder: opt in only.
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference or self.policy
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.policy
+
+
+class ReferenceConfig(_Section):
+    backend: Literal["vllm", "hf"] = "hf"
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    batch_tokens: int = Field(16384, gt=0)
+    # Pairs handed to one actor call; the actor re-batches them by length under batch_tokens.
+    pairs_per_call: int = Field(256, gt=0)
+    # Times a crashed scoring actor is restarted before the job fails with its cause.
+    max_restarts: int = Field(2, ge=0)
+    # Fraction of GPU memory vLLM may take.
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+LossName = str
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    loss_type: Union[LossName, list[LossName]] = "sigmoid"
+    loss_weights: Optional[list[float]] = None
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # Extra knobs of individual losses (simpo's gamma, robust's noise, ...).
+    simpo_gamma: float = 0.5
+    alpha: float = 0.5          # alpha_divergence
+    average_logps: bool = False
+    learning_rate: float = Field(5.0e-7, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(1, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1)
+    # Padding-free packing of a micro-batch into one row; auto turns it on where
+    # the attention implementation honours packed position_ids.
+    packing: Literal["auto", "on", "off"] = "auto"
+    # Pairs per length-sorted pool from which batches are cut (in global batches).
+    length_group_batches: int = Field(8, ge=1)
+    on_nonfinite_loss: Literal["error", "skip"] = "error"
+    tensorboard: bool = False
+    save_policy: bool = True
+
+    @field_validator("loss_type")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("train.loss_type is an empty list; give at least one loss")
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> "TrainConfig":
+        if self.loss_weights is not None:
+            n = len(self.loss_type) if isinstance(self.loss_type, list) else 1
+            if len(self.loss_weights) != n:
+                raise ValueError(
+                    f"train.loss_weights has {len(self.loss_weights)} entries but train.loss_type "
+                    f"names {n} losses; give one weight per loss"
+                )
+        return self
+
+    @property
+    def loss_types(self) -> list[str]:
+        return list(self.loss_type) if isinstance(self.loss_type, list) else [self.loss_type]
+
+
+class DebugConfig(_Section):
+    """Fault injection for recovery tests; never set in real runs."""
+
+    fail_at_step: Optional[int] = Field(None, ge=1)
+    fail_scoring_after_batches: Optional[int] = Field(None, ge=0)
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str) -> None:
+        from dpo.storage import write_text
+
+        write_text(path, self.to_yaml())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value; write it as e.g. train.num_workers=4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key; write it as e.g. train.num_workers=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section = ".".join(str(p) for p in err["loc"][:-1])
+        known = _known_keys(err["loc"][:-1])
+        hint = f"; known keys{' in ' + section if section else ''}: {', '.join(known)}" if known else ""
+        return f"unknown config key '{key}'{hint}"
+    if kind == "value_error":
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}" if key else err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    return f"config key '{key}': {err['msg'].lower()} (got {got!r})"
+
+
+def _known_keys(loc) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                tree = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (run:, data:, ...)")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(_describe(first) + suffix) from None

@@ -1,0 +1,174 @@
+"""The fingerprint that ties a prepared or reference dataset to the config that made it.
+
+A cached reference score is only valid for the exact tokens it scored, under the
+exact reference weights. The fingerprint records everything that decides those;
+training recomputes it from its own config and refuses a dataset whose
+fingerprint differs, naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+from dpo.config import Config, UserError
+from dpo.storage import read_text, join, exists
+
+MANIFEST = "_manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_CACHE = os.path.expanduser(os.environ.get("RAYDPO_HASH_CACHE", "~/.cache/raydpo/hashes.json"))
+
+
+class FingerprintMismatch(UserError):
+    pass
+
+
+class IncompleteDataset(UserError):
+    pass
+
+
+def _sha256_file(path: str) -> str:
+    """Full content hash, cached on (path, size, mtime): weights of a 70B model take minutes to hash."""
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    cache: dict = {}
+    try:
+        with open(_CACHE, encoding="utf-8") as fh:
+            cache = json.load(fh)
+    except (OSError, ValueError):
+        pass
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    cache[key] = h.hexdigest()
+    try:
+        os.makedirs(os.path.dirname(_CACHE), exist_ok=True)
+        tmp = f"{_CACHE}.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(cache, fh)
+        os.replace(tmp, _CACHE)
+    except OSError:
+        pass  # the cache only saves time
+    return cache[key]
+
+
+def _hash_files(folder: str, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode() + b"\0" + _sha256_file(os.path.join(folder, name)).encode())
+    return h.hexdigest()[:32]
+
+
+def weights_hash(model_dir: str, key: str = "model.reference") -> str:
+    if not os.path.isdir(model_dir):
+        raise UserError(f"{key}: {model_dir} is not a model folder; give the path of a Hugging Face model directory")
+    names = [n for n in os.listdir(model_dir) if n.endswith(WEIGHT_SUFFIXES)]
+    if not names:
+        raise UserError(f"{key}: {model_dir} holds no weight files (*.safetensors)")
+    return _hash_files(model_dir, names)
+
+
+def tokenizer_hashes(tokenizer_dir: str) -> tuple[str, str]:
+    """(tokenizer files hash, chat template hash)."""
+    if not os.path.isdir(tokenizer_dir):
+        raise UserError(f"model.tokenizer: {tokenizer_dir} is not a folder holding a tokenizer")
+    names = [n for n in os.listdir(tokenizer_dir) if n in TOKENIZER_FILES and n not in ("chat_template.jinja",)]
+    if not names:
+        raise UserError(f"model.tokenizer: {tokenizer_dir} holds no tokenizer files (tokenizer.json, ...)")
+    template = ""
+    jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as fh:
+            template = fh.read()
+    else:
+        try:
+            with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), encoding="utf-8") as fh:
+                template = json.dumps(json.load(fh).get("chat_template") or "")
+        except (OSError, ValueError):
+            pass
+    return _hash_files(tokenizer_dir, names), hashlib.sha256(template.encode()).hexdigest()[:32]
+
+
+def input_files_hash(files: list[str]) -> list[dict]:
+    from dpo.storage import is_uri, resolve
+
+    out = []
+    for path in files:
+        if is_uri(path):
+            fs, p = resolve(path)
+            info = fs.get_file_info(p)
+            out.append({"name": os.path.basename(p), "size": info.size, "sha256": None})
+        else:
+            out.append({"name": os.path.basename(path), "size": os.path.getsize(path),
+                        "sha256": _sha256_file(path)[:32]})
+    return out
+
+
+def compute(cfg: Config, files: list[str], *, with_reference: bool, tokenization_version: str) -> dict:
+    """The fingerprint of the dataset that `cfg` would produce from `files`."""
+    tok_hash, template_hash = tokenizer_hashes(cfg.model.tokenizer_path)
+    fp = {
+        "reference_model": weights_hash(cfg.model.reference_path) if with_reference else None,
+        "tokenizer": tok_hash,
+        "chat_template": template_hash,
+        "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "truncation": cfg.data.truncation,
+        "input_files": input_files_hash(files),
+        "tokenization_version": tokenization_version,
+    }
+    return fp
+
+
+FIELD_FIXES = {
+    "reference_model": "the reference weights differ (model.reference, or model.policy when it is null)",
+    "tokenizer": "the tokenizer differs (model.tokenizer / model.policy)",
+    "chat_template": "the tokenizer's chat template differs",
+    "max_length": "data.max_length differs",
+    "max_prompt_length": "data.max_prompt_length differs",
+    "truncation": "data.truncation differs",
+    "input_files": "the input files (data.train_files) differ in name or content",
+    "tokenization_version": "the tokenization code changed since the dataset was written",
+}
+
+
+def diff(expected: dict, found: dict) -> list[str]:
+    return [k for k in expected if expected.get(k) != found.get(k)]
+
+
+def read_manifest(folder: str) -> dict:
+    path = join(folder, MANIFEST)
+    if not exists(path):
+        raise IncompleteDataset(
+            f"{folder} has no {MANIFEST}: it was never finished (or is still being written); "
+            "run jobs.precompute_reference (or jobs.prepare) to complete it"
+        )
+    return json.loads(read_text(path))
+
+
+def check(folder: str, expected: dict, manifest: Optional[dict] = None) -> dict:
+    """Refuse a dataset whose fingerprint differs from `expected`; return its manifest."""
+    manifest = manifest or read_manifest(folder)
+    found = manifest.get("fingerprint", {})
+    fields = diff(expected, found)
+    if fields:
+        first = fields[0]
+        raise FingerprintMismatch(
+            f"{folder} was made with a different config: {FIELD_FIXES.get(first, first)} "
+            f"(field '{first}': dataset has {_short(found.get(first))}, config gives {_short(expected.get(first))})"
+            f"{' and ' + ', '.join(fields[1:]) + ' differ too' if fields[1:] else ''}; "
+            "rerun the precompute into a new run.output_dir, or point the config back at what made it"
+        )
+    return manifest
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,104 @@
+"""Paths that may be local or URIs (s3://, gs://, ...), through pyarrow.fs.
+
+Writes are made to look atomic: local files are written beside their target and
+renamed into place; object stores have no rename, but a PUT is all-or-nothing,
+so a reader never sees half of a file either way.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as fh:
+        return fh.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, p = resolve(path)
+    parent = posixpath.dirname(p) if is_uri(path) else os.path.dirname(p)
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    else:
+        with fs.open_output_stream(p) as fh:
+            fh.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def list_files(path: str, suffix: Optional[str] = None) -> list[str]:
+    """Names (not paths) of the files directly inside `path`, sorted; [] if it is absent."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    names = [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File]
+    return sorted(n for n in names if suffix is None or n.endswith(suffix))
+
+
+def delete_file(path: str) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def delete_dir(path: str) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+
+
+def read_parquet_files(folder: str, names: list[str], columns: Optional[list[str]] = None) -> pa.Table:
+    """The named Parquet files of a folder as one table, in the order given."""
+    tables = []
+    for name in names:
+        fs, path = resolve(join(folder, name))
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    if not tables:
+        raise ValueError(f"{folder}: no Parquet files to read")
+    return pa.concat_tables(tables)

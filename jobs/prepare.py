@@ -1,0 +1,19 @@
+"""python -m jobs.prepare --config FILE [key=value ...]: read, validate and tokenize only."""
+
+from __future__ import annotations
+
+from jobs.cli import job
+from jobs.summary import print_dataset_summary
+from pipeline.prepare import dataset_folder, prepare
+
+
+def main(argv=None) -> None:
+    with job("prepare", argv, __doc__) as (cfg, _):
+        splits = ["train"] + (["eval"] if cfg.data.eval_files else [])
+        for split in splits:
+            manifest = prepare(cfg, split)
+            print_dataset_summary(f"prepare ({split})", dataset_folder(cfg, "prepared", split), manifest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The streaming Ray Data stage shared by jobs.prepare and jobs.precompute_reference.
+
+    files ─► read (one task per file) ─► validate + tokenize ─► [score: actor pool] ─► driver: shard files
+
+Two passes over the input: a cheap scan (pair ids and positions only) finds
+duplicate ids and the size of every shard, then the full pass streams rows
+through tokenization (and scoring) into per-shard files. Knowing every shard's
+size up front is what lets the writer commit a shard the moment it is whole,
+and a rerun skip exactly the shards that were committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pyarrow as pa
+import ray
+
+from dpo.config import Config, UserError
+from pipeline import manifest as mf
+from pipeline.read import RAW_SCHEMA, UnreadableFile, read_file_rows
+from pipeline.tokenize import find_duplicates, tokenize_batch
+
+log = logging.getLogger(__name__)
+
+
+def _read_files(batch: dict, *, fmt: str, shard_rows: int, skip_shards: frozenset, ids_only: bool):
+    for path, file_index in zip(batch["path"], batch["file_index"]):
+        try:
+            for rows in read_file_rows(str(path), int(file_index), fmt=fmt, shard_rows=shard_rows,
+                                       skip_shards=skip_shards, ids_only=ids_only):
+                yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+        except UnreadableFile as exc:
+            # A row at line 0 stands for the whole file; the driver decides what it means.
+            yield pa.Table.from_pylist(
+                [{"file": str(path), "file_index": int(file_index), "line": 0, "shard": "", "shard_rows": 0,
+                  "pair_id": None, "format": None, "record": None, "error": str(exc)}],
+                schema=RAW_SCHEMA,
+            )
+
+
+def read_dataset(files: list[str], cfg: Config, *, skip_shards=frozenset(), ids_only=False) -> ray.data.Dataset:
+    items = [{"path": f, "file_index": i} for i, f in enumerate(files)]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_files,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"fmt": cfg.data.format, "shard_rows": cfg.data.shard_rows,
+                   "skip_shards": frozenset(skip_shards), "ids_only": ids_only},
+    )
+
+
+@dataclass
+class Scan:
+    files: list[str]
+    shard_sizes: dict[str, int]
+    duplicates: dict
+    file_rejects: list[dict] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.shard_sizes.values())
+
+
+def scan(files: list[str], cfg: Config) -> Scan:
+    """Pass 1: shard sizes, duplicate ids, unreadable files."""
+    cols = ["file", "file_index", "line", "shard", "shard_rows", "pair_id", "error"]
+    ids, shard_sizes, unreadable = [], {}, []
+    for batch in read_dataset(files, cfg, ids_only=True).iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.select(cols).to_pylist():
+            if row["line"] == 0:
+                unreadable.append({"file": row["file"], "line": None, "pair_id": None,
+                                   "reason": f"unreadable file: {row['error']}"})
+                continue
+            shard_sizes[row["shard"]] = row["shard_rows"]
+            if row["error"] is None:
+                ids.append((row["pair_id"], row["file_index"], row["line"], row["file"]))
+    if unreadable and cfg.data.on_unreadable_file == "error":
+        first = unreadable[0]
+        raise UserError(f"{first['file']}: {first['reason'].removeprefix('unreadable file: ')}; fix or remove the "
+                        "file, or set data.on_unreadable_file=skip to record it in rejects.jsonl and go on")
+    bad = {r["file"] for r in unreadable}
+    if not shard_sizes:
+        raise UserError(f"no rows found in {', '.join(files)}: the input files are empty")
+    return Scan([f for f in files if f not in bad], dict(sorted(shard_sizes.items())),
+                find_duplicates(ids), unreadable)
+
+
+def tokenized_dataset(sc: Scan, cfg: Config, skip_shards: set) -> ray.data.Dataset:
+    dupes = ray.put(sc.duplicates) if sc.duplicates else None
+    return read_dataset(sc.files, cfg, skip_shards=frozenset(skip_shards)).map_batches(
+        tokenize_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"data": cfg.data, "tokenizer_path": cfg.model.tokenizer_path,
+                   "trust_remote_code": cfg.model.trust_remote_code, "duplicates": dupes},
+    )
+
+
+def run_stage(
+    cfg: Config,
+    files: list[str],
+    folder: str,
+    fingerprint: dict,
+    *,
+    score: Optional[Callable[[ray.data.Dataset], ray.data.Dataset]] = None,
+    manifest_extra: Optional[dict] = None,
+) -> dict:
+    """Fill `folder` with the (scored) dataset; resume what an earlier try finished."""
+    t0 = time.time()
+    sc = scan(files, cfg)
+    layout = {"shard_rows": cfg.data.shard_rows, "scored": score is not None}
+    done = mf.start(folder, fingerprint, layout) & set(sc.shard_sizes)
+    todo = {s: n for s, n in sc.shard_sizes.items() if s not in done}
+    log.info("%d input rows in %d shards; %d shards already done, %d to do", sc.rows, len(sc.shard_sizes),
+             len(done), len(todo))
+    writer = mf.ShardWriter(folder, sc.shard_sizes, scored=score is not None)
+    t_stream = time.time()
+    if todo:
+        ds = tokenized_dataset(sc, cfg, done)
+        if score is not None:
+            ds = score(ds)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+    if writer.incomplete():
+        raise RuntimeError(f"the stream ended with incomplete shards {writer.incomplete()}; rerun to finish them")
+    elapsed = max(time.time() - t_stream, 1e-9)
+    manifest = {
+        "fingerprint": fingerprint,
+        "layout": layout,
+        **(manifest_extra or {}),
+        "resumed_shards": len(done),
+        "written_shards": writer.committed,
+        "timings": {
+            "total_s": round(time.time() - t0, 3),
+            "stream_s": round(elapsed, 3),
+            "pairs_this_run": writer.pairs_done,
+            "tokens_this_run": writer.tokens_done,
+            "pairs_per_s": round(writer.pairs_done / elapsed, 3),
+            "tokens_per_s": round(writer.tokens_done / elapsed, 1),
+        },
+    }
+    return mf.finalize(folder, sc.shard_sizes, sc.file_rejects, manifest)
