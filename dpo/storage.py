@@ -43,7 +43,7 @@ def makedirs(path: str) -> None:
 
 def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
-    with fs.open_input_stream(p) as fh:
+    with fs.open_input_stream(p, compression=None) as fh:
         return fh.read()
 
 

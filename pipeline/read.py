@@ -192,7 +192,7 @@ def iter_records(path: str) -> Iterator[tuple[int, Optional[dict], Optional[str]
     """(line, record, error) for every row of one file, in file order."""
     fs, p = resolve(path)
     try:
-        stream = fs.open_input_stream(p)
+        stream = fs.open_input_stream(p, compression=None)
     except (OSError, pa.ArrowInvalid) as exc:
         raise UnreadableFile(f"cannot open: {exc}") from None
     with stream:

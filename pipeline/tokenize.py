@@ -70,7 +70,7 @@ def tokenize_pair(pair, tokenizer, data: DataConfig) -> TokenizedPair:
     replies = [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in (pair.chosen, pair.rejected)]
     if len(prompt_ids) >= data.max_length:
         raise RowError(
-            f"prompt has {len(prompt_ids)} tokens, which leaves no room for the reply within "
+            f"prompt too long: {len(prompt_ids)} tokens leave no room for the reply within "
             f"data.max_length={data.max_length}; raise data.max_length or shorten the prompt"
         )
     truncated = False
