@@ -40,7 +40,7 @@ SCORE_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp"]
 
 def reason_kind(reason: str) -> str:
     """A reject reason without its particulars, for counting."""
-    return re.sub(r"\d+", "N", re.split(r" \(|: |; ", reason, maxsplit=1)[0])
+    return re.sub(r"(?<![\w-])\d+(?![\w-])", "N", re.split(r" \(|: |; ", reason, maxsplit=1)[0])
 
 
 def start(folder: str, fingerprint: dict, layout: dict) -> set[str]:

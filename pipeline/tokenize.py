@@ -132,7 +132,7 @@ def find_duplicates(ids: list[tuple[Optional[str], int, int, str]]) -> dict:
     for pair_id, file_index, line, file in sorted((r for r in ids if r[0] is not None), key=lambda r: (r[1], r[2])):
         if pair_id in first:
             f_index, f_line, f_file = first[pair_id]
-            dupes[(file_index, line)] = f"duplicate pair id {pair_id!r} (first seen at {f_file}:{f_line})"
+            dupes[(file_index, line)] = f"duplicate pair id (id {pair_id!r} first seen at {f_file}:{f_line})"
         else:
             first[pair_id] = (file_index, line, file)
     return dupes
