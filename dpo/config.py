@@ -148,6 +148,22 @@ class TrainConfig(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _losses(self) -> "TrainConfig":
+        from dpo.losses import check_loss_config
+
+        try:
+            check_loss_config(self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                              **self.loss_options)
+        except ValueError as exc:
+            raise ValueError(f"train.loss_type: {exc}") from None
+        return self
+
+    @property
+    def loss_options(self) -> dict:
+        """The options dpo.losses.preference_loss reads, from their train.* keys."""
+        return {"loss_weights": self.loss_weights, "simpo_gamma": self.simpo_gamma, "alpha": self.alpha}
+
     @property
     def loss_types(self) -> list[str]:
         return list(self.loss_type) if isinstance(self.loss_type, list) else [self.loss_type]
@@ -219,7 +235,8 @@ def _describe(err: dict) -> str:
         hint = f"; known keys{' in ' + section if section else ''}: {', '.join(known)}" if known else ""
         return f"unknown config key '{key}'{hint}"
     if kind == "value_error":
-        return f"{key}: {err['msg'].removeprefix('Value error, ')}" if key else err["msg"].removeprefix("Value error, ")
+        msg = err["msg"].removeprefix("Value error, ")
+        return msg if not key or msg.startswith(key) else f"{key}: {msg}"
     got = err.get("input")
     return f"config key '{key}': {err['msg'].lower()} (got {got!r})"
 
