@@ -156,4 +156,8 @@ def finalize(folder: str, expected: dict[str, int], file_rejects: list[dict], ma
     manifest = {**manifest, "counts": counts, "files": parts, "shards": len(markers),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+    if counts["kept"] == 0:
+        top = ", ".join(f"{k} ({n})" for k, n in by_reason.most_common(3))
+        raise UserError(f"no usable pairs: all {counts['read']} input rows were rejected ({top}); "
+                        f"see {storage.join(folder, REJECTS)} for each row's file, line and reason")
     return manifest
