@@ -1,0 +1,310 @@
+"""Score every kept pair with the frozen reference model: the Ray Data actor pool.
+
+    tokenized rows ─► ReferenceScorer (one per actor; hf or vllm backend) ─► + ref_chosen_logp, ref_rejected_logp
+
+A score is log π_ref(response | prompt) summed over the response tokens (EOS
+included). Both backends take token ids, never text, so what is scored is
+exactly what training reads. Rows with a `reject` reason pass through with
+null scores so the shard writer can still count them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+import pyarrow as pa
+
+from dpo import storage
+from dpo.config import Config, UserError
+
+log = logging.getLogger(__name__)
+
+FAIL_MARKER = "_debug_scoring_failed"
+
+# (prompt token ids, response token ids)
+PromptResponse = tuple[Sequence[int], Sequence[int]]
+
+
+# --------------------------------------------------------------------------- hf backend
+
+
+def pack_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches whose padded size (longest × count) fits `batch_tokens`.
+
+    Longest first, so the first batch is the biggest and an out-of-memory shows
+    up at once rather than hours in. A sequence longer than the budget still
+    gets a batch of its own: it cannot be split.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted descending, the batch's first member is its longest.
+        if current and lengths[current[0]] * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class HFScorer:
+    """Reference log-probs with transformers, on CPU or one GPU."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", batch_tokens: int = 16384,
+                 trust_remote_code: bool = False, attn_implementation: Optional[str] = None,
+                 device: Optional[str] = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, dtype), use_safetensors=True,
+            trust_remote_code=trust_remote_code, **kwargs,
+        ).to(self.device).eval()
+        self.batch_tokens = batch_tokens
+        # Padding positions are masked out of attention and labels, so any id will do.
+        self.pad_id = self.model.config.pad_token_id or 0
+
+    def score(self, seqs: Sequence[PromptResponse]) -> list[float]:
+        """Summed log-probs of each response given its prompt, float64, in input order."""
+        lengths = [len(p) + len(r) for p, r in seqs]
+        out = [0.0] * len(seqs)
+        for batch in pack_by_tokens(lengths, self.batch_tokens):
+            for i, value in zip(batch, self._forward([seqs[i] for i in batch])):
+                out[i] = value
+        return out
+
+    def _forward(self, seqs: Sequence[PromptResponse]) -> list[float]:
+        from dpo.logprobs import token_logps
+
+        torch = self.torch
+        width = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (prompt, response) in enumerate(seqs):
+            n, m = len(prompt), len(response)
+            # Right padding: with a causal mask a real token never sees the padding
+            # after it, so a sequence scores the same in any batch.
+            ids[row, : n + m] = torch.tensor(list(prompt) + list(response))
+            labels[row, n : n + m] = torch.tensor(list(response))
+            attention[row, : n + m] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
+            logps, _ = token_logps(logits, labels.to(self.device))
+            return logps.double().sum(-1).tolist()
+
+
+# --------------------------------------------------------------------------- vllm backend
+
+
+def sum_prompt_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int) -> float:
+    """Sum log p(token_ids[i] | token_ids[:i]) for i >= start, read off vLLM's prompt_logprobs.
+
+    `prompt_logprobs` is what vLLM returns per request: either a list with None
+    at position 0 and a {token_id: Logprob} dict at every later position, or a
+    FlatLogprobs (parallel lists token_ids/logprobs indexed by start_indices and
+    end_indices per position). A position's entries hold the prompt's own token
+    plus, with prompt_logprobs=k > 0, the top k; the token is looked up by id
+    rather than assumed to come first.
+    """
+    if len(prompt_logprobs) != len(token_ids):
+        raise ValueError(f"vLLM returned {len(prompt_logprobs)} prompt log-probs for {len(token_ids)} tokens")
+    if start < 1:
+        raise ValueError("position 0 has no log-prob: a response must follow at least one prompt token")
+    total = 0.0
+    flat = hasattr(prompt_logprobs, "start_indices")
+    for pos in range(start, len(token_ids)):
+        token = token_ids[pos]
+        if flat:
+            span = range(prompt_logprobs.start_indices[pos], prompt_logprobs.end_indices[pos])
+            found = [prompt_logprobs.logprobs[j] for j in span if prompt_logprobs.token_ids[j] == token]
+            value = found[0] if found else None
+        else:
+            entry = prompt_logprobs[pos] or {}
+            value = entry[token].logprob if token in entry else None
+        if value is None:
+            raise ValueError(f"vLLM gave no log-prob for token {token} at position {pos}")
+        total += float(value)
+    return total
+
+
+class VLLMScorer:
+    """Reference log-probs with vLLM's prompt_logprobs; scalars leave the actor, never logprob lists."""
+
+    def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, gpu_memory_utilization: float,
+                 max_model_len: int, trust_remote_code: bool = False):
+        try:
+            import vllm
+        except ImportError as exc:
+            raise UserError(f"reference.backend=vllm but vLLM cannot be imported on this node ({exc}); "
+                            "install it (pip install 'raydpo[vllm]') or set reference.backend=hf") from None
+        self.vllm = vllm
+        self.llm = vllm.LLM(
+            model_path, skip_tokenizer_init=True, enable_prefix_caching=False, dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+        )
+        self.params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
+                                          flat_logprobs=True)
+
+    def score(self, seqs: Sequence[PromptResponse]) -> list[float]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in seqs]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        return [sum_prompt_logprobs(o.prompt_logprobs, o.prompt_token_ids, len(p))
+                for o, (p, _) in zip(outputs, seqs)]
+
+
+# --------------------------------------------------------------------------- the actor
+
+
+def _die_once(marker: str) -> None:
+    """Fault injection: exit abruptly unless an earlier attempt already did (the marker says so)."""
+    if storage.is_uri(marker):
+        if storage.exists(marker):
+            return
+        storage.write_text(marker, "scoring actor killed by debug.fail_scoring_after_batches\n")
+    else:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        try:
+            # O_EXCL: of several actors reaching the count, exactly one dies.
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    log.warning("debug.fail_scoring_after_batches: scoring actor %d exits now", os.getpid())
+    os._exit(1)
+
+
+class ReferenceScorer:
+    """Callable class for `map_batches`: pyarrow batch of tokenized rows in, the same rows plus scores out."""
+
+    def __init__(self, cfg: Config, fail_marker: Optional[str] = None):
+        ref = cfg.reference
+        if ref.backend == "vllm":
+            self.scorer = VLLMScorer(
+                cfg.model.reference_path, dtype=cfg.model.dtype, tensor_parallel_size=ref.tensor_parallel_size,
+                gpu_memory_utilization=ref.gpu_memory_utilization, max_model_len=cfg.data.max_length,
+                trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            self.scorer = HFScorer(
+                cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,
+                trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+                device="cuda" if ref.gpus_per_actor > 0 else "cpu")
+        self.fail_after = cfg.debug.fail_scoring_after_batches
+        self.fail_marker = fail_marker
+        self.batches = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.fail_after is not None and self.batches >= self.fail_after:
+            _die_once(self.fail_marker)
+        kept = [i for i, r in enumerate(batch.column("reject").to_pylist()) if r is None]
+        prompts = batch.column("prompt_ids").to_pylist()
+        chosen = batch.column("chosen_ids").to_pylist()
+        rejected = batch.column("rejected_ids").to_pylist()
+        seqs = [(prompts[i], chosen[i]) for i in kept] + [(prompts[i], rejected[i]) for i in kept]
+        scores = self.scorer.score(seqs) if seqs else []
+        ref_chosen: list[Optional[float]] = [None] * batch.num_rows
+        ref_rejected: list[Optional[float]] = [None] * batch.num_rows
+        for k, i in enumerate(kept):
+            ref_chosen[i], ref_rejected[i] = scores[k], scores[len(kept) + k]
+        self.batches += 1
+        return (batch.append_column("ref_chosen_logp", pa.array(ref_chosen, pa.float64()))
+                .append_column("ref_rejected_logp", pa.array(ref_rejected, pa.float64())))
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def check_reference_model(cfg: Config) -> None:
+    """Fail on the driver, before any actor starts, when the reference model cannot load.
+
+    Reads the config and the safetensors headers only: loading the weights here
+    would cost the driver a model's worth of memory.
+    """
+    path = cfg.model.reference_path
+    key = "model.reference" if cfg.model.reference else "model.policy"
+    if not path or not os.path.isdir(path):
+        raise UserError(f"{key}: {path or '(empty)'} is not a model folder; give the path of a Hugging Face "
+                        "model directory")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{key}: cannot read the model config in {path}: {str(exc).splitlines()[0]}; "
+                        "it must hold a Hugging Face config.json") from None
+    weights = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not weights:
+        raise UserError(f"{key}: {path} holds no *.safetensors weights; convert the checkpoint with "
+                        "save_pretrained(..., safe_serialization=True)")
+    from safetensors import safe_open
+
+    for name in weights:
+        try:
+            with safe_open(os.path.join(path, name), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise UserError(f"{key}: {os.path.join(path, name)} is not a readable safetensors file ({exc}); "
+                            "re-save or re-download the model") from None
+    ref = cfg.reference
+    if ref.backend == "vllm" and ref.tensor_parallel_size == 1 and ref.gpus_per_actor <= 0:
+        raise UserError("reference.backend=vllm runs on GPUs: set reference.gpus_per_actor=1 "
+                        "(or reference.backend=hf to score on CPU)")
+
+
+def _placement_group_args(tensor_parallel_size: int) -> Callable[[], dict]:
+    """Per-actor placement group of one GPU bundle per tensor-parallel rank.
+
+    vLLM starts its tensor-parallel workers as Ray actors; capturing child tasks
+    keeps them inside the scoring actor's own group instead of competing with
+    the other actors for GPUs.
+    """
+
+    def fn() -> dict:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+    return fn
+
+
+def pool_args(cfg: Config) -> dict:
+    """map_batches keyword arguments for the scoring actor pool."""
+    import ray
+
+    ref = cfg.reference
+    restarts = ref.max_restarts
+    args = dict(
+        compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
+        num_cpus=ref.cpus_per_actor,
+        num_gpus=ref.gpus_per_actor,
+        batch_format="pyarrow",
+        batch_size=ref.pairs_per_call,
+        # Ray Data restarts a dead actor forever by default, so a deterministic
+        # crash (an OOM on one batch) would loop. Bounded restarts make the job
+        # fail with the actor's cause; a task in flight is retried on the
+        # restarted actor, and fails once the actor is dead for good.
+        max_restarts=restarts,
+        max_task_retries=-1 if restarts > 0 else 0,
+    )
+    if ref.backend == "vllm" and ref.tensor_parallel_size > 1:
+        args["num_gpus"] = 0
+        args["ray_remote_args_fn"] = _placement_group_args(ref.tensor_parallel_size)
+    return args
+
+
+def score_dataset(ds, cfg: Config, folder: str):
+    """Append reference scores to a tokenized Ray dataset."""
+    marker = storage.join(folder, FAIL_MARKER) if cfg.debug.fail_scoring_after_batches is not None else None
+    return ds.map_batches(ReferenceScorer, fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker},
+                          **pool_args(cfg))
