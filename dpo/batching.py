@@ -1,0 +1,182 @@
+"""From token-id pairs to model inputs: the epoch plan, padding and packing.
+
+Determinism over streaming: every rank holds the whole (token ids only) dataset,
+sorted by pair id, and builds the same seeded plan of global batches for an
+epoch; rank r then takes its own slice of each global batch. Hence
+
+- a resumed run continues exactly where it stopped: the plan of an epoch is a
+  function of (seed, epoch) alone, and a step number names a global batch;
+- 2 workers x batch b and 1 worker x batch 2b see the same global batches, so
+  their gradients (the mean over the global batch) agree.
+
+One micro-batch of b pairs becomes 2b sequences, prompt+chosen rows first and
+prompt+rejected rows after, run through the model in one forward pass. Padded,
+they are right-padded rows; packed, they are laid end to end in one row whose
+position_ids restart at 0 for every sequence (transformers builds the
+block-diagonal mask from that), so no compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dpo.logprobs import sequence_logps, token_logps
+
+IGNORE = -100
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+@dataclass
+class Pairs:
+    """A whole dataset of tokenized pairs, sorted by pair id."""
+
+    pair_ids: list[str]
+    prompt: list[np.ndarray]
+    chosen: list[np.ndarray]
+    rejected: list[np.ndarray]
+    ref_chosen: Optional[np.ndarray]  # float64 [N]; None for a prepared (unscored) dataset
+    ref_rejected: Optional[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Tokens the pair puts through the model: both sequences, prompt counted twice."""
+        return np.array([2 * len(p) + len(c) + len(r) for p, c, r in zip(self.prompt, self.chosen, self.rejected)])
+
+    @classmethod
+    def from_tables(cls, tables: Iterable[pa.Table]) -> "Pairs":
+        table = pa.concat_tables(list(tables)) if not isinstance(tables, pa.Table) else tables
+        table = table.sort_by("pair_id")  # the order of files and blocks must not matter
+        scored = all(c in table.column_names for c in REF_COLUMNS)
+
+        def ids(col: str) -> list[np.ndarray]:
+            return [np.asarray(v, dtype=np.int64) for v in table.column(col).to_pylist()]
+
+        return cls(
+            pair_ids=table.column("pair_id").to_pylist(),
+            prompt=ids("prompt_ids"),
+            chosen=ids("chosen_ids"),
+            rejected=ids("rejected_ids"),
+            ref_chosen=table.column(REF_COLUMNS[0]).to_numpy().astype(np.float64) if scored else None,
+            ref_rejected=table.column(REF_COLUMNS[1]).to_numpy().astype(np.float64) if scored else None,
+        )
+
+
+def epoch_plan(tokens: np.ndarray, global_batch: int, pool_batches: int, seed: int, epoch: int) -> np.ndarray:
+    """Row indices of every global batch of an epoch: [steps, global_batch].
+
+    Shuffle, then sort pools of `pool_batches` global batches by length and cut
+    them, so a batch holds pairs of similar length (little padding) while the
+    batches themselves come in shuffled order. The last incomplete global batch
+    is dropped, as every rank must take the same number of steps.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(tokens))
+    steps = len(order) // global_batch
+    order = order[: steps * global_batch]
+    pool = pool_batches * global_batch
+    grouped = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        grouped.append(chunk[np.argsort(tokens[chunk], kind="stable")])
+    batches = np.concatenate(grouped).reshape(steps, global_batch) if steps else np.zeros((0, global_batch), int)
+    return batches[rng.permutation(steps)]
+
+
+def rank_micro_batches(global_batch: np.ndarray, rank: int, world: int, grad_accum: int) -> list[np.ndarray]:
+    """This rank's micro-batches of one global batch, one per accumulation step."""
+    per = len(global_batch) // (world * grad_accum)
+    return [global_batch[(a * world + rank) * per:(a * world + rank + 1) * per] for a in range(grad_accum)]
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor               # [rows, T]
+    labels: torch.Tensor                  # [rows, T]; IGNORE on prompt and padding
+    attention_mask: Optional[torch.Tensor]  # padded layout
+    position_ids: Optional[torch.Tensor]    # packed layout
+    segments: Optional[torch.Tensor]        # packed: [T] index of the sequence each position belongs to
+    num_pairs: int
+    chosen_lengths: torch.Tensor          # [b] response tokens
+    rejected_lengths: torch.Tensor
+    ref_chosen: Optional[torch.Tensor]    # [b] float32
+    ref_rejected: Optional[torch.Tensor]
+    pair_ids: list[str]
+    tokens: int                           # real (non-padding) tokens
+
+    def to(self, device) -> "MicroBatch":
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return MicroBatch(**{k: move(v) for k, v in self.__dict__.items()})
+
+
+def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, packed: bool) -> MicroBatch:
+    seqs, labels = [], []
+    for responses in (pairs.chosen, pairs.rejected):
+        for i in rows:
+            prompt, response = pairs.prompt[i], responses[i]
+            seqs.append(np.concatenate([prompt, response]))
+            # The first token is never predicted (nothing precedes it), so it is
+            # masked even if the prompt is empty: padded and packed then agree.
+            label = np.concatenate([np.full(len(prompt), IGNORE), response])
+            label[0] = IGNORE
+            labels.append(label)
+    lengths = [len(s) for s in seqs]
+    common = dict(
+        num_pairs=len(rows),
+        chosen_lengths=torch.tensor([len(pairs.chosen[i]) for i in rows], dtype=torch.float32),
+        rejected_lengths=torch.tensor([len(pairs.rejected[i]) for i in rows], dtype=torch.float32),
+        ref_chosen=None if pairs.ref_chosen is None else torch.tensor(pairs.ref_chosen[rows], dtype=torch.float32),
+        ref_rejected=None if pairs.ref_rejected is None else torch.tensor(pairs.ref_rejected[rows], dtype=torch.float32),
+        pair_ids=[pairs.pair_ids[i] for i in rows],
+        tokens=int(sum(lengths)),
+    )
+    if packed:
+        return MicroBatch(
+            input_ids=torch.from_numpy(np.concatenate(seqs))[None],
+            labels=torch.from_numpy(np.concatenate(labels))[None],
+            attention_mask=None,
+            position_ids=torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],
+            segments=torch.from_numpy(np.repeat(np.arange(len(seqs)), lengths)),
+            **common,
+        )
+    width = max(lengths)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    lab = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for j, (s, l) in enumerate(zip(seqs, labels)):
+        ids[j, :len(s)], lab[j, :len(s)], mask[j, :len(s)] = s, l, 1
+    return MicroBatch(torch.from_numpy(ids), torch.from_numpy(lab), torch.from_numpy(mask), None, None, **common)
+
+
+def policy_logps(model, mb: MicroBatch, *, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log pi(response | prompt), each [b], from one forward pass."""
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                use_cache=False)
+    if mb.segments is None:
+        logps = sequence_logps(out.logits, mb.labels, average=average)
+    else:
+        # token_logps' position t scores label t+1: sum each sequence's share of the row.
+        tok, mask = token_logps(out.logits, mb.labels)
+        seg = mb.segments[1:]
+        n = 2 * mb.num_pairs
+        logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg, tok[0])
+        if average:
+            count = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg, mask[0].to(tok.dtype))
+            logps = torch.where(count > 0, logps / count.clamp(min=1), torch.zeros_like(logps))
+    return logps[:mb.num_pairs], logps[mb.num_pairs:]
+
+
+@torch.no_grad()
+def packing_supported(model, pairs: Pairs, pad_id: int) -> bool:
+    """Whether this model honours packed position_ids: packed and padded log-probs agree."""
+    rows = np.arange(min(2, len(pairs)))
+    padded = policy_logps(model, collate(pairs, rows, pad_id, packed=False), average=False)
+    packed = policy_logps(model, collate(pairs, rows, pad_id, packed=True), average=False)
+    return all(torch.allclose(a, b, atol=1e-3, rtol=1e-4) for a, b in zip(padded, packed))

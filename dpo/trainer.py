@@ -1,0 +1,124 @@
+"""Build the Ray Train TorchTrainer from a config and run it.
+
+The caller (jobs.train) finds the datasets and checks their fingerprints;
+this module turns config + datasets into a run and returns what it produced:
+
+    {output_dir}/train/config.yaml      the resolved config
+    {output_dir}/train/metrics.jsonl    one line per logged step
+    {output_dir}/train/checkpoints/     step-N/ folders, COMPLETE-marked (see dpo.checkpoint)
+    {output_dir}/train/ray/             Ray Train's run folder and its checkpoints
+    {output_dir}/train/policy/          the trained model + tokenizer, Hugging Face format
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from dpo import storage
+from dpo.checkpoint import read_metrics
+from dpo.config import Config, UserError
+from dpo.losses import LossType, check_loss_config
+
+log = logging.getLogger("raydpo.train")
+
+
+@dataclass
+class TrainData:
+    """A finished dataset folder and its manifest (whose `files` lists the Parquet files)."""
+
+    folder: str
+    manifest: dict
+
+    @property
+    def pairs(self) -> int:
+        return int(self.manifest["counts"]["kept"])
+
+    @property
+    def scored(self) -> bool:
+        return bool(self.manifest.get("layout", {}).get("scored"))
+
+    def paths(self) -> list[str]:
+        base = self.folder if storage.is_uri(self.folder) else os.path.abspath(self.folder)
+        return [storage.join(base, name) for name in self.manifest["files"]]
+
+
+def needs_reference(cfg: Config) -> bool:
+    return any(LossType.parse(name).needs_reference for name in cfg.train.loss_types)
+
+
+def validate(cfg: Config, train: TrainData) -> None:
+    """The user's mistakes that would otherwise surface inside a worker."""
+    t = cfg.train
+    try:
+        check_loss_config(t.loss_types, beta=t.beta, label_smoothing=t.label_smoothing,
+                          loss_weights=t.loss_weights, simpo_gamma=t.simpo_gamma, alpha=t.alpha)
+    except ValueError as exc:
+        raise UserError(f"train.loss_type: {exc}") from None
+    if needs_reference(cfg) and not train.scored:
+        raise UserError(f"{train.folder} holds no reference scores but train.loss_type {t.loss_type} needs "
+                        "them; run jobs.precompute_reference (or jobs.pipeline) first")
+    if not os.path.isdir(cfg.model.policy):
+        raise UserError(f"model.policy: {cfg.model.policy} is not a model folder; give the path of a "
+                        "Hugging Face model directory")
+    global_batch = t.batch_size * t.num_workers * t.grad_accum
+    if train.pairs < global_batch:
+        raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
+                        "(train.batch_size x train.num_workers x train.grad_accum); lower one of them")
+    if t.use_gpu is False and t.strategy == "fsdp":
+        log.warning("train.strategy=fsdp on CPU runs over gloo: supported, but slow; ddp is the usual choice")
+
+
+def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = None) -> dict:
+    """Run DPO training; return the final metrics and where the outputs are."""
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dpo.train_loop import train_loop_per_worker
+
+    validate(cfg, train_data)
+    t = cfg.train
+    train_dir = storage.join(cfg.run.output_dir, "train")
+    cfg.save(storage.join(train_dir, "config.yaml"))
+
+    datasets = {"train": ray.data.read_parquet(train_data.paths())}
+    if eval_data is not None:
+        datasets["eval"] = ray.data.read_parquet(eval_data.paths())
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "has_eval": eval_data is not None},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
+        dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=train_dir if storage.is_uri(train_dir) else os.path.abspath(train_dir),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+    )
+    started = time.time()
+    result = trainer.fit()
+    final = dict(result.metrics or {})
+    if final.get("error"):
+        raise UserError(final["error"])
+    metrics_path = storage.join(train_dir, "metrics.jsonl")
+    history = read_metrics(metrics_path)
+    return {
+        "metrics": history[-1] if history else final,
+        "steps": history[-1]["step"] if history else 0,
+        "train_pairs": train_data.pairs,
+        "eval_pairs": eval_data.pairs if eval_data is not None else 0,
+        "seconds": round(time.time() - started, 1),
+        "metrics_path": metrics_path,
+        "policy": storage.join(train_dir, "policy") if t.save_policy else None,
+        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+    }
