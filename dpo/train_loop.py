@@ -179,7 +179,7 @@ def _losses(t: TrainConfig, chosen, rejected, mb):
         len_c, len_r = torch.ones_like(len_c), torch.ones_like(len_r)
     return preference_loss(chosen, rejected, ref_c, ref_r, loss_type=t.loss_types, beta=t.beta,
                            label_smoothing=t.label_smoothing, chosen_lengths=len_c, rejected_lengths=len_r,
-                           loss_weights=t.loss_weights, simpo_gamma=t.simpo_gamma, alpha=t.alpha)
+                           **t.loss_options)
 
 
 def _batch_stats(out, chosen, rejected, mb) -> torch.Tensor:

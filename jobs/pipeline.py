@@ -1,0 +1,57 @@
+"""python -m jobs.pipeline --config FILE [--build-model PRESET] [key=value ...]: reference scores, then training.
+
+Scores the train and eval pairs with the reference model (reusing a finished
+reference dataset whose fingerprint matches), then trains. Reference-free
+losses (simpo, sft) skip scoring and train from the prepared dataset.
+
+--build-model PRESET builds a small local model (pipeline.models presets) into
+model.policy when that folder holds none yet, its tokenizer trained on
+data.train_files: how the quickstart runs without any model download.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from dpo.config import Config
+from jobs import train as train_job
+from jobs.cli import job
+from jobs.summary import print_dataset_summary, table
+from pipeline.models import PRESETS, build_local_model, iter_texts
+from pipeline.precompute import precompute
+from pipeline.prepare import dataset_folder, prepare, split_files
+
+log = logging.getLogger("raydpo")
+
+
+def _flags(parser) -> None:
+    parser.add_argument("--build-model", metavar="PRESET", choices=sorted(PRESETS),
+                        help="build a local model of this preset into model.policy if it holds none")
+
+
+def build_model(cfg: Config, preset: str) -> None:
+    if os.path.exists(os.path.join(cfg.model.policy, "config.json")):
+        return
+    log.info("building a %s model into %s", preset, cfg.model.policy)
+    build_local_model(cfg.model.policy, iter_texts(split_files(cfg, "train")), preset=preset, seed=cfg.run.seed)
+
+
+def main(argv=None) -> None:
+    with job("pipeline", argv, __doc__, extra=_flags) as (cfg, args):
+        started = time.time()
+        if args.build_model:
+            build_model(cfg, args.build_model)
+        kind = train_job.dataset_kind(cfg)
+        stage = precompute if kind == "reference" else prepare
+        for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
+            manifest = stage(cfg, split)
+            print_dataset_summary(f"{kind} ({split})", dataset_folder(cfg, kind, split), manifest)
+        train_job.run(cfg)
+        print(table("pipeline", [("total time (s)", round(time.time() - started, 1)),
+                                 ("output", cfg.run.output_dir)]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
