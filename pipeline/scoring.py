@@ -22,6 +22,8 @@ from dpo.config import Config, UserError
 log = logging.getLogger(__name__)
 
 FAIL_MARKER = "_debug_scoring_failed"
+# Largest share of a scoring batch that may be padding (see pack_by_tokens).
+MAX_PADDING = 0.1
 
 # (prompt token ids, response token ids)
 PromptResponse = tuple[Sequence[int], Sequence[int]]
@@ -30,19 +32,22 @@ PromptResponse = tuple[Sequence[int], Sequence[int]]
 # --------------------------------------------------------------------------- hf backend
 
 
-def pack_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+def pack_by_tokens(lengths: Sequence[int], batch_tokens: int, max_padding: float = MAX_PADDING) -> list[list[int]]:
     """Indices grouped into batches whose padded size (longest × count) fits `batch_tokens`.
 
-    Longest first, so the first batch is the biggest and an out-of-memory shows
-    up at once rather than hours in. A sequence longer than the budget still
+    Sorted by length, a batch also ends where the next sequence is more than
+    `max_padding` shorter than the batch's longest: a large budget would
+    otherwise pad a short sequence to the longest of hundreds, and padding costs
+    as much as real tokens. Longest first, so an out-of-memory shows up in the
+    first batch rather than hours in. A sequence longer than the budget still
     gets a batch of its own: it cannot be split.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        # Sorted descending, the batch's first member is its longest.
-        if current and lengths[current[0]] * (len(current) + 1) > batch_tokens:
+        longest = lengths[current[0]] if current else 0  # sorted descending: the first is the longest
+        if current and (longest * (len(current) + 1) > batch_tokens or lengths[i] < (1 - max_padding) * longest):
             batches.append(current)
             current = []
         current.append(i)
@@ -260,20 +265,30 @@ def check_reference_model(cfg: Config) -> None:
                         "(or reference.backend=hf to score on CPU)")
 
 
-def _placement_group_args(tensor_parallel_size: int) -> Callable[[], dict]:
-    """Per-actor placement group of one GPU bundle per tensor-parallel rank.
+def _actor_options(max_restarts: int, tensor_parallel_size: int) -> Callable[[], dict]:
+    """Remote options of each scoring actor, applied over Ray Data's defaults when it starts.
 
-    vLLM starts its tensor-parallel workers as Ray actors; capturing child tasks
-    keeps them inside the scoring actor's own group instead of competing with
+    Ray Data restarts a dead pool actor forever by default, so a deterministic
+    crash (an OOM on one batch) would loop. A bound makes the job fail with the
+    actor's cause: a task in flight is retried on the restarted actor, and fails
+    once the actor is dead for good.
+
+    With tensor parallelism each actor gets a placement group of one GPU bundle
+    per rank; vLLM starts its rank workers as Ray actors, and capturing child
+    tasks keeps them in the scoring actor's own group instead of competing with
     the other actors for GPUs.
     """
 
     def fn() -> dict:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        options = {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts > 0 else 0}
+        if tensor_parallel_size > 1:
+            import ray
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+            pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK")
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                pg, placement_group_capture_child_tasks=True)
+        return options
 
     return fn
 
@@ -283,24 +298,16 @@ def pool_args(cfg: Config) -> dict:
     import ray
 
     ref = cfg.reference
-    restarts = ref.max_restarts
-    args = dict(
+    tp = ref.tensor_parallel_size if ref.backend == "vllm" else 1
+    return dict(
         compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
         num_cpus=ref.cpus_per_actor,
-        num_gpus=ref.gpus_per_actor,
+        # The placement group holds a tensor-parallel actor's GPUs.
+        num_gpus=ref.gpus_per_actor if tp == 1 else 0,
         batch_format="pyarrow",
         batch_size=ref.pairs_per_call,
-        # Ray Data restarts a dead actor forever by default, so a deterministic
-        # crash (an OOM on one batch) would loop. Bounded restarts make the job
-        # fail with the actor's cause; a task in flight is retried on the
-        # restarted actor, and fails once the actor is dead for good.
-        max_restarts=restarts,
-        max_task_retries=-1 if restarts > 0 else 0,
+        ray_remote_args_fn=_actor_options(ref.max_restarts, tp),
     )
-    if ref.backend == "vllm" and ref.tensor_parallel_size > 1:
-        args["num_gpus"] = 0
-        args["ray_remote_args_fn"] = _placement_group_args(ref.tensor_parallel_size)
-    return args
 
 
 def score_dataset(ds, cfg: Config, folder: str):

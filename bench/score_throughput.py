@@ -1,0 +1,160 @@
+"""Reference-scoring throughput: length-sorted token-budget batches vs TRL-style fixed batches.
+
+    python bench/score_throughput.py [--pairs 256] [--rounds 2] [--max-length 512] [--batch-size 8]
+                                     [--batch-tokens 16384] [--attn sdpa|eager]
+
+Both sides run the same model object in the same process on the same token ids
+and count the same tokens through `dpo.logprobs.token_logps`; only the
+batching differs:
+
+- naive (what TRL's precompute_ref_log_probs does): `--batch-size` pairs in
+  file order, chosen and rejected stacked into one forward, padded to the
+  longest of the batch;
+- ours (pipeline.scoring.HFScorer as the actor runs it): each call of
+  `--pairs-per-call` pairs sorted by length and packed under `--batch-tokens`
+  (longest x count), right-padded.
+
+The model is pipeline.models' "small" preset (~19M parameters) with its
+tokenizer trained on the HH file itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dpo.config import DataConfig
+from dpo.logprobs import token_logps
+from pipeline.formats import RowError, normalise
+from pipeline.models import build_local_model
+from pipeline.scoring import HFScorer, pack_by_tokens
+from pipeline.tokenize import load_tokenizer, tokenize_pair
+
+HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+
+
+def load_pairs(path: Path, n: int, tokenizer, data: DataConfig) -> list[tuple[list[int], list[int], list[int]]]:
+    pairs = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                tp = tokenize_pair(normalise(json.loads(line), "implicit", tokenizer), tokenizer, data)
+            except RowError:
+                continue  # the pipeline would reject it too
+            pairs.append((tp.prompt_ids, tp.chosen_ids, tp.rejected_ids))
+            if len(pairs) == n:
+                break
+    return pairs
+
+
+def naive(model, pairs, batch_size: int, pad_id: int) -> list[float]:
+    """TRL-style: fixed batches in file order, chosen+rejected in one forward, padded to the longest."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [(p, c) for p, c, _ in chunk] + [(p, r) for p, _, r in chunk]
+        width = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (p, r) in enumerate(seqs):
+            ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+            labels[row, len(p) : len(p) + len(r)] = torch.tensor(r)
+            attention[row, : len(p) + len(r)] = 1
+        with torch.inference_mode():
+            logps, _ = token_logps(model(input_ids=ids, attention_mask=attention).logits, labels)
+        sums = logps.double().sum(-1).tolist()
+        n = len(chunk)
+        out += [v for pair in zip(sums[:n], sums[n:]) for v in pair]
+    return out
+
+
+def ours(scorer: HFScorer, pairs, pairs_per_call: int) -> list[float]:
+    out = []
+    for start in range(0, len(pairs), pairs_per_call):
+        chunk = pairs[start : start + pairs_per_call]
+        scores = scorer.score([(p, c) for p, c, _ in chunk] + [(p, r) for p, _, r in chunk])
+        n = len(chunk)
+        out += [v for pair in zip(scores[:n], scores[n:]) for v in pair]
+    return out
+
+
+def padded_tokens_naive(pairs, batch_size: int) -> int:
+    total = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        total += 2 * len(chunk) * max(len(p) + max(len(c), len(r)) for p, c, r in chunk)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=256, help="first N usable HH pairs")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-prompt-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8, help="naive: pairs per forward (TRL's default eval batch)")
+    ap.add_argument("--batch-tokens", type=int, default=16384, help="ours: reference.batch_tokens")
+    ap.add_argument("--pairs-per-call", type=int, default=256, help="ours: reference.pairs_per_call")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating timed passes over the pairs")
+    ap.add_argument("--attn", default=None, help="model.attn_implementation (default: transformers' choice)")
+    ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "raydpo-bench-small"))
+    ap.add_argument("--data", default=str(HH))
+    args = ap.parse_args()
+
+    texts = []
+    with gzip.open(args.data, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+    model_dir = build_local_model(args.model_dir, texts, preset="small", seed=0)
+    tokenizer = load_tokenizer(model_dir)
+    data = DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    pairs = load_pairs(Path(args.data), args.pairs, tokenizer, data)
+
+    scorer = HFScorer(model_dir, batch_tokens=args.batch_tokens, device="cpu", attn_implementation=args.attn)
+    params = sum(p.numel() for p in scorer.model.parameters())
+    real = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
+    scorer.score([pairs[0][:2]])  # warm-up: first-call allocations are not throughput
+
+    # Alternating rounds (naive first, then ours first, ...) so that other load on
+    # the machine falls on both sides alike; the times are summed over rounds.
+    runs = {"naive": lambda: naive(scorer.model, pairs, args.batch_size, scorer.pad_id),
+            "ours": lambda: ours(scorer, pairs, args.pairs_per_call)}
+    seconds = {"naive": 0.0, "ours": 0.0}
+    scores = {}
+    for r in range(args.rounds):
+        for name in (["naive", "ours"] if r % 2 == 0 else ["ours", "naive"]):
+            t0 = time.perf_counter()
+            scores[name] = runs[name]()
+            seconds[name] += time.perf_counter() - t0
+    done = len(pairs) * args.rounds
+
+    padded_ours = 0
+    for start in range(0, len(pairs), args.pairs_per_call):
+        chunk = pairs[start : start + args.pairs_per_call]
+        lengths = [len(p) + len(c) for p, c, _ in chunk] + [len(p) + len(r) for p, _, r in chunk]
+        padded_ours += sum(lengths[b[0]] * len(b) for b in pack_by_tokens(lengths, args.batch_tokens))
+    padded = {"naive": padded_tokens_naive(pairs, args.batch_size), "ours": padded_ours}
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; attention {scorer.model.config._attn_implementation}")
+    print(f"model: {params / 1e6:.1f}M params (preset small); {len(pairs)} HH pairs, max_length {args.max_length}, "
+          f"{real} real tokens; {args.rounds} rounds")
+    for name, secs in seconds.items():
+        print(f"{name:>5}: {secs:7.1f} s  {done / secs:7.2f} pairs/s  {real * args.rounds / secs:8.0f} tokens/s  "
+              f"padding {1 - real / padded[name]:.0%} of {padded[name]} computed tokens")
+    diff = max(abs(a - b) for a, b in zip(scores["naive"], scores["ours"]))
+    print(f"speed-up (ours / naive pairs/s): {seconds['naive'] / seconds['ours']:.2f}x; "
+          f"max |score difference| {diff:.2e}; load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

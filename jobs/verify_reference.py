@@ -1,0 +1,98 @@
+"""python -m jobs.verify_reference --config FILE --sample N: rescore N cached pairs with transformers and compare.
+
+The difference of a summed log-prob grows with the reply's length, so the
+tolerance bounds each pair's difference divided by its response tokens (nats
+per token), for the chosen and the rejected reply alike. Defaults:
+
+- float32: 1e-3 nats/token. The hf path reproduces its own scores to ~1e-6 per
+  token; vLLM in fp32 differs from transformers by ~1e-5..1e-4 per token; a
+  wrong model, wrong tokens or a corrupted file differs by 0.1 or more. 1e-3
+  leaves a 10x margin over honest noise and 100x under a real error.
+- bfloat16: 0.1 nats/token. vLLM and transformers in bf16 differ by about
+  0.01-0.05 per token on average, with single tokens near 0.3; averaged over a
+  reply that stays well under 0.1, while a wrong model is far above it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+from dpo import fingerprint as fpr
+from dpo import storage
+from dpo.config import UserError
+from jobs.cli import job, log
+from jobs.summary import table
+from pipeline.prepare import dataset_folder, split_files
+from pipeline.scoring import HFScorer
+from pipeline.tokenize import TOKENIZATION_VERSION
+
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
+COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
+
+
+def _options(parser) -> None:
+    parser.add_argument("--sample", type=int, default=64, help="pairs to rescore (default 64)")
+    parser.add_argument("--split", choices=["train", "eval"], default="train")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="largest allowed |difference| per response token, nats "
+                             f"(default by model.dtype: {TOLERANCE})")
+
+
+def compare(rows: list[dict], fresh: list[tuple[float, float]]) -> list[dict]:
+    """Per pair: cached minus fresh, absolute and per response token, for chosen and rejected."""
+    out = []
+    for row, (chosen, rejected) in zip(rows, fresh):
+        dc = row["ref_chosen_logp"] - chosen
+        dr = row["ref_rejected_logp"] - rejected
+        per_token = max(abs(dc) / max(len(row["chosen_ids"]), 1), abs(dr) / max(len(row["rejected_ids"]), 1))
+        out.append({"pair_id": row["pair_id"], "chosen_diff": dc, "rejected_diff": dr,
+                    "abs_diff": max(abs(dc), abs(dr)), "per_token": per_token})
+    return out
+
+
+def main(argv=None) -> None:
+    with job("verify_reference", argv, __doc__, extra=_options) as (cfg, args):
+        if args.sample < 1:
+            raise UserError(f"--sample {args.sample}: give at least 1 pair to rescore")
+        folder = dataset_folder(cfg, "reference", args.split)
+        files = split_files(cfg, args.split)
+        expected = fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION)
+        manifest = fpr.check(folder, expected)
+        ids = storage.read_parquet_files(folder, manifest["files"], columns=["pair_id"]).column("pair_id").to_pylist()
+        picked = sorted(random.Random(cfg.run.seed).sample(range(len(ids)), min(args.sample, len(ids))))
+        rows = storage.read_parquet_files(folder, manifest["files"], columns=COLUMNS).take(picked).to_pylist()
+        log.info("rescoring %d of %d pairs of %s with transformers (%s)", len(rows), len(ids), folder,
+                 cfg.model.dtype)
+        scorer = HFScorer(cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=cfg.reference.batch_tokens,
+                          trust_remote_code=cfg.model.trust_remote_code,
+                          attn_implementation=cfg.model.attn_implementation)
+        seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
+        scores = scorer.score(seqs)
+        diffs = compare(rows, list(zip(scores[: len(rows)], scores[len(rows):])))
+        tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[cfg.model.dtype]
+        worst = sorted(diffs, key=lambda d: -d["per_token"])
+        n = len(diffs)
+        print(table(f"verify reference ({args.split}; cached {manifest.get('backend')}/{manifest.get('dtype')} "
+                    f"vs hf/{cfg.model.dtype})", [
+                        ("pairs rescored", n),
+                        ("mean |diff| per pair", f"{sum(d['abs_diff'] for d in diffs) / n:.3g}"),
+                        ("max |diff| per pair", f"{max(d['abs_diff'] for d in diffs):.3g}"),
+                        ("mean |diff| per token", f"{sum(d['per_token'] for d in diffs) / n:.3g}"),
+                        ("max |diff| per token", f"{worst[0]['per_token']:.3g}"),
+                        ("tolerance per token", f"{tolerance:.3g}"),
+                    ]), flush=True)
+        for d in worst[:5]:
+            print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}))
+        bad = [d for d in diffs if not d["per_token"] <= tolerance]  # NaN fails too
+        if bad:
+            print(f"FAILED: {len(bad)} of {n} pairs differ by more than {tolerance:g} nats per token, worst "
+                  f"{', '.join(d['pair_id'] for d in worst[:3])}; the cached scores do not match the reference "
+                  "model: rerun jobs.precompute_reference into a new run.output_dir", file=sys.stderr)
+            sys.exit(1)
+        print(f"OK: all {n} pairs within {tolerance:g} nats per token")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Fixtures shared by the test modules: one Ray per session, local models, data paths."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "data"
+# ../shared beside the checkout; tests that need it skip when it is absent.
+HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: starting Ray costs seconds, so never per test."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A ~0.7M-parameter Llama with a BPE tokenizer trained on examples/data (model and tokenizer in one folder)."""
+    from pipeline.models import build_local_model, iter_texts
+
+    return build_local_model(tmp_path_factory.mktemp("models") / "tiny", iter_texts([str(EXAMPLES / "train.jsonl")]),
+                             preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hh_pairs(tmp_path_factory) -> str:
+    """The first 64 pairs of Anthropic HH (harmless-base test) as a local .jsonl."""
+    if not HH_TEST.exists():
+        pytest.skip(f"{HH_TEST} is absent")
+    out = tmp_path_factory.mktemp("hh") / "hh-64.jsonl"
+    with gzip.open(HH_TEST, "rt", encoding="utf-8") as src, open(out, "w", encoding="utf-8") as dst:
+        for _, line in zip(range(64), src):
+            dst.write(line)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def independent_logp():
+    """log π(response | prompt) the plain way: one pair per forward, no padding, fp32, a hand loop over tokens.
+
+    The yardstick for the cached scores: it shares no code with pipeline.scoring or dpo.logprobs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+
+    def logp(model_path: str, prompt: list[int], response: list[int]) -> float:
+        if model_path not in models:
+            models[model_path] = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        ids = list(prompt) + list(response)
+        with torch.no_grad():
+            logits = models[model_path](torch.tensor([ids])).logits[0]
+        total = 0.0
+        for t in range(len(prompt), len(ids)):
+            total += float(torch.log_softmax(logits[t - 1], dim=-1)[ids[t]])
+        return total
+
+    return logp

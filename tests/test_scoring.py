@@ -1,0 +1,247 @@
+"""Tests of pipeline.scoring: batching, the hf scorer's numbers, vLLM's log-prob aggregation, the actor's contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow as pa
+import pytest
+
+from dpo.config import UserError, load_config
+from pipeline.scoring import HFScorer, ReferenceScorer, check_reference_model, pack_by_tokens, sum_prompt_logprobs
+from pipeline.tokenize import TOKENIZED_SCHEMA, load_tokenizer
+
+
+def example_pairs(model_dir: str, n: int) -> list[tuple[list[int], list[int], list[int]]]:
+    tok = load_tokenizer(model_dir)
+    eos = tok.eos_token_id
+    out = []
+    with open(os.path.join(os.path.dirname(__file__), "..", "examples", "data", "eval.jsonl")) as fh:
+        for line, _ in zip(fh, range(n)):
+            row = json.loads(line)
+            out.append((tok(row["prompt"])["input_ids"], tok(row["chosen"])["input_ids"] + [eos],
+                        tok(row["rejected"])["input_ids"] + [eos]))
+    return out
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_pack_by_tokens_keeps_budget_and_bounds_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(500)]
+    batches = pack_by_tokens(lengths, 2000, max_padding=0.1)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert longest * len(b) <= 2000 or len(b) == 1
+        assert min(lengths[i] for i in b) >= 0.9 * longest
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded <= sum(lengths) / 0.9
+    # A sequence over the budget still gets scored, alone.
+    assert pack_by_tokens([50, 10, 9], 20) == [[0], [1, 2]]
+
+
+# --------------------------------------------------------------------------- hf scorer
+
+
+def test_hf_scores_equal_one_pair_per_forward(tiny_model, independent_logp):
+    pairs = example_pairs(tiny_model, 24)
+    scorer = HFScorer(tiny_model, batch_tokens=512)
+    scores = scorer.score([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs])
+    expected = [independent_logp(tiny_model, p, c) for p, c, _ in pairs] + \
+               [independent_logp(tiny_model, p, r) for p, _, r in pairs]
+    assert max(abs(a - b) for a, b in zip(scores, expected)) < 1e-5
+
+
+@pytest.mark.parametrize("attn, tolerance", [("eager", 0.0), ("sdpa", 1e-5)])
+def test_hf_score_does_not_depend_on_its_batch(tiny_model, attn, tolerance):
+    """Right padding + a causal mask: a sequence never sees its batch-mates' padding.
+
+    With eager attention the scores are bit-identical whatever the batch. SDPA
+    takes a different kernel for an unpadded batch than for a masked one; the
+    difference is fp32 rounding (~1e-8 relative, ~1e-6 on a 150-nat sum).
+    """
+    pairs = example_pairs(tiny_model, 40)
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    scorer = HFScorer(tiny_model, batch_tokens=1, attn_implementation=attn)
+    alone = scorer.score(seqs)
+    for budget in (64, 300, 100_000):
+        scorer.batch_tokens = budget
+        shuffled = list(range(len(seqs)))
+        random.Random(budget).shuffle(shuffled)
+        got = scorer.score([seqs[i] for i in shuffled])
+        assert max(abs(got[k] - alone[i]) for k, i in enumerate(shuffled)) <= tolerance
+
+
+def _config(model: str, **overrides) -> object:
+    return load_config(None, [f"model.policy={model}"] + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_reference_scorer_passes_rejected_rows_through_unscored(tiny_model, independent_logp):
+    p, c, r = example_pairs(tiny_model, 1)[0]
+    kept = {"pair_id": "a", "file": "f", "file_index": 0, "line": 1, "shard": "0000-000000", "shard_rows": 2,
+            "prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "prompt_length": len(p), "chosen_length": len(c),
+            "rejected_length": len(r), "truncated": False, "identical": False, "reject": None}
+    bad = {k: None for k in kept} | {"file": "f", "file_index": 0, "line": 2, "shard": "0000-000000",
+                                     "shard_rows": 2, "reject": "bad JSON"}
+    out = ReferenceScorer(_config(tiny_model))(pa.Table.from_pylist([bad, kept], schema=TOKENIZED_SCHEMA))
+    assert out.schema.field("ref_chosen_logp").type == pa.float64()
+    rows = out.to_pylist()
+    assert rows[0]["ref_chosen_logp"] is None and rows[0]["ref_rejected_logp"] is None
+    assert rows[1]["ref_chosen_logp"] == pytest.approx(independent_logp(tiny_model, p, c), abs=1e-5)
+    assert rows[1]["ref_rejected_logp"] == pytest.approx(independent_logp(tiny_model, p, r), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- model checks on the driver
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "is not a model folder"),
+    ("no_weights", "holds no *.safetensors weights"),
+    ("corrupt_weights", "is not a readable safetensors file"),
+    ("no_config", "cannot read the model config"),
+])
+def test_a_model_that_cannot_load_is_refused_before_any_actor(tmp_path, tiny_model, damage, message):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    if damage == "missing":
+        shutil.rmtree(broken)
+    elif damage == "no_weights":
+        os.remove(broken / "model.safetensors")
+    elif damage == "corrupt_weights":
+        (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    else:
+        os.remove(broken / "config.json")
+    with pytest.raises(UserError, match="model.policy: .*" + message.replace("*", r"\*")):
+        check_reference_model(_config(str(broken)))
+
+
+def test_vllm_without_gpus_is_refused(tiny_model):
+    with pytest.raises(UserError, match="reference.gpus_per_actor=1"):
+        check_reference_model(_config(tiny_model, **{"reference.backend": "vllm"}))
+
+
+# --------------------------------------------------------------------------- vLLM aggregation
+
+
+@dataclass
+class Logprob:
+    """Shaped like vllm.logprobs.Logprob."""
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+@dataclass
+class FlatLogprobs:
+    """Shaped like vllm.logprobs.FlatLogprobs: per-position [start, end) ranges into flat lists."""
+    start_indices: list = field(default_factory=list)
+    end_indices: list = field(default_factory=list)
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    ranks: list = field(default_factory=list)
+    decoded_tokens: list = field(default_factory=list)
+
+    def append(self, position: Optional[dict]) -> None:
+        self.start_indices.append(len(self.logprobs))
+        for token, lp in (position or {}).items():
+            self.token_ids.append(token)
+            self.logprobs.append(lp.logprob)
+            self.ranks.append(lp.rank)
+            self.decoded_tokens.append(None)
+        self.end_indices.append(len(self.logprobs))
+
+    def __len__(self) -> int:
+        return len(self.start_indices)
+
+
+def vllm_shaped(ids: list[int], values: list[float], top: dict[int, dict[int, float]]):
+    """prompt_logprobs as vLLM gives them: None (list) / empty (flat) at position 0, then one entry per
+    position holding the prompt token and, where `top` says so, other top-k tokens listed before it."""
+    as_list: list = [None]
+    flat = FlatLogprobs()
+    flat.append(None)
+    for pos in range(1, len(ids)):
+        entry = {t: Logprob(v, rank=1) for t, v in top.get(pos, {}).items()}
+        entry[ids[pos]] = Logprob(values[pos], rank=7)
+        as_list.append(entry)
+        flat.append(entry)
+    return as_list, flat
+
+
+def test_vllm_prompt_logprobs_sum_over_response_tokens_only():
+    ids = [5, 9, 2, 7, 7, 1]
+    values = [0.0, -1.0, -2.0, -0.5, -0.25, -4.0]
+    # position 3 also lists two top-k tokens ahead of the prompt token; their values must not count
+    as_list, flat = vllm_shaped(ids, values, top={3: {11: -0.01, 12: -0.02}})
+    for container in (as_list, flat):
+        assert sum_prompt_logprobs(container, ids, start=3) == pytest.approx(-0.5 - 0.25 - 4.0)
+        assert sum_prompt_logprobs(container, ids, start=1) == pytest.approx(sum(values[1:]))
+
+
+def test_vllm_prompt_logprobs_refuse_what_does_not_fit():
+    ids = [5, 9, 2]
+    as_list, flat = vllm_shaped(ids, [0.0, -1.0, -2.0], top={})
+    for container in (as_list, flat):
+        with pytest.raises(ValueError, match="for 4 tokens"):
+            sum_prompt_logprobs(container, ids + [3], start=1)
+        with pytest.raises(ValueError, match="no log-prob for token 8"):
+            sum_prompt_logprobs(container, [5, 9, 8], start=1)
+        with pytest.raises(ValueError, match="position 0"):
+            sum_prompt_logprobs(container, ids, start=0)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
+def test_vllm_scores_match_hf_in_fp32(tiny_model):
+    from pipeline.scoring import VLLMScorer
+
+    pairs = example_pairs(tiny_model, 32)
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    expected = HFScorer(tiny_model, batch_tokens=4096, device="cuda").score(seqs)
+    got = VLLMScorer(tiny_model, dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.3,
+                     max_model_len=256).score(seqs)
+    per_token = [abs(a - b) / len(r) for a, b, (_, r) in zip(got, expected, seqs)]
+    assert max(per_token) < 1e-3
+
+
+# --------------------------------------------------------------------------- bounded restarts
+
+
+@pytest.mark.slow
+def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_session, tiny_model):
+    """Ray Data restarts pool actors forever by default; pool_args bounds it by reference.max_restarts."""
+    import ray
+
+    from pipeline.scoring import pool_args
+
+    class AlwaysCrashes:
+        def __call__(self, batch):
+            os._exit(1)
+
+    cfg = _config(tiny_model, **{"reference.max_restarts": 1, "reference.pairs_per_call": 4})
+    ds = ray.data.from_items([{"x": i} for i in range(8)]).map_batches(AlwaysCrashes, **pool_args(cfg))
+    t0 = time.time()
+    with pytest.raises(Exception) as info:
+        ds.materialize()
+    assert time.time() - t0 < 120
+    assert "died" in str(info.value).lower() or "ActorDiedError" in repr(info.value)
