@@ -13,7 +13,11 @@ One micro-batch of b pairs becomes 2b sequences, prompt+chosen rows first and
 prompt+rejected rows after, run through the model in one forward pass. Padded,
 they are right-padded rows; packed, they are laid end to end in one row whose
 position_ids restart at 0 for every sequence (transformers builds the
-block-diagonal mask from that), so no compute is spent on padding.
+block-diagonal mask from that), so no compute is spent on padding. Only
+varlen (flash) attention kernels turn that into less work: sdpa and eager
+materialise a dense [T, T] mask over the whole row, which costs more than the
+padding saved (measured on CPU: 0.30 s packed vs 0.18 s padded per step of 16
+pairs), so `packing: auto` packs only under flash attention.
 """
 
 from __future__ import annotations
@@ -173,10 +177,23 @@ def policy_logps(model, mb: MicroBatch, *, average: bool) -> tuple[torch.Tensor,
     return logps[:mb.num_pairs], logps[mb.num_pairs:]
 
 
+def use_packing(setting: str, model, pairs: Pairs, pad_id: int, autocast) -> bool:
+    """train.packing: on, off, or auto = on where it saves work and the model honours it."""
+    if setting != "auto":
+        return setting == "on"
+    attention = str(getattr(model.config, "_attn_implementation", "") or "")
+    if not attention.startswith("flash"):
+        return False
+    with autocast:  # flash kernels take only half precision
+        return packing_supported(model, pairs, pad_id)
+
+
 @torch.no_grad()
 def packing_supported(model, pairs: Pairs, pad_id: int) -> bool:
     """Whether this model honours packed position_ids: packed and padded log-probs agree."""
     rows = np.arange(min(2, len(pairs)))
-    padded = policy_logps(model, collate(pairs, rows, pad_id, packed=False), average=False)
-    packed = policy_logps(model, collate(pairs, rows, pad_id, packed=True), average=False)
-    return all(torch.allclose(a, b, atol=1e-3, rtol=1e-4) for a, b in zip(padded, packed))
+    device = next(model.parameters()).device
+    padded = policy_logps(model, collate(pairs, rows, pad_id, packed=False).to(device), average=False)
+    packed = policy_logps(model, collate(pairs, rows, pad_id, packed=True).to(device), average=False)
+    # Loose enough for bf16; a model that ignores the packing mixes whole sequences and misses by far more.
+    return all(torch.allclose(a, b, atol=1e-2, rtol=1e-2) for a, b in zip(padded, packed))

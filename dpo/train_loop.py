@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from dpo import checkpoint as ckpt
 from dpo import storage
-from dpo.batching import Pairs, collate, epoch_plan, packing_supported, policy_logps, rank_micro_batches
+from dpo.batching import Pairs, collate, epoch_plan, policy_logps, rank_micro_batches, use_packing
 from dpo.config import Config, TrainConfig
 from dpo.losses import LossType, preference_loss
 
@@ -61,13 +61,13 @@ def train_loop_per_worker(config: dict) -> None:
                                                  trust_remote_code=cfg.model.trust_remote_code,
                                                  attn_implementation=cfg.model.attn_implementation)
     pad_id = _pad_id(model)
-    packed = t.packing == "on" or (t.packing == "auto" and packing_supported(model, train_pairs, pad_id))
-    model = ray.train.torch.prepare_model(model, parallel_strategy=t.strategy)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total))
     # bf16 autocast only where it is fast and asked for; CPU trains in float32.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.use_gpu and cfg.model.dtype == "bfloat16"
                 else contextlib.nullcontext())
+    packed = use_packing(t.packing, model.to(device), train_pairs, pad_id, autocast)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=t.strategy)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total))
 
     start = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"))
     metrics_log = ckpt.MetricsLog(storage.join(train_dir, "metrics.jsonl")) if rank == 0 else None

@@ -66,6 +66,16 @@ def validate(cfg: Config, train: TrainData) -> None:
         log.warning("train.strategy=fsdp on CPU runs over gloo: supported, but slow; ddp is the usual choice")
 
 
+def _with_absolute_paths(cfg: Config) -> Config:
+    """Workers run in another directory: relative local paths would not resolve there."""
+    cfg = cfg.model_copy(deep=True)
+    for section, key in [("run", "output_dir"), ("model", "policy"), ("model", "reference"), ("model", "tokenizer")]:
+        value = getattr(getattr(cfg, section), key)
+        if value and not storage.is_uri(value):
+            setattr(getattr(cfg, section), key, os.path.abspath(value))
+    return cfg
+
+
 def _dataset(data: TrainData):
     """The token ids as in-memory blocks: every worker reads all of them (see dpo.batching), and
     reading them once here spares each worker a Parquet scan that competes with training for CPUs."""
@@ -85,6 +95,7 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
     from dpo.train_loop import train_loop_per_worker
 
     validate(cfg, train_data)
+    cfg = _with_absolute_paths(cfg)
     t = cfg.train
     train_dir = storage.join(cfg.run.output_dir, "train")
     cfg.save(storage.join(train_dir, "config.yaml"))
