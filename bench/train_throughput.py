@@ -1,0 +1,161 @@
+"""Training-step throughput and memory: cached reference scores vs a live reference model.
+
+    python bench/train_throughput.py [--pairs 256] [--steps 20] [--batch-size 8] [--max-length 256]
+                                     [--threads 1] [--preset small]
+
+Both sides run the loop of dpo.train_loop on one worker: the same batches
+(dpo.batching, padded), the same AdamW step, the same loss. They differ in where
+the reference log-probs come from:
+
+- cached (ours): read from the reference dataset, a column next to the token ids;
+- live (TRL without precompute_ref_log_probs): a frozen copy of the policy
+  scores every batch with an extra forward pass.
+
+Each side runs in a fresh process so its peak RSS is its own. "Training memory"
+is the peak RSS minus the RSS before any model was loaded (Python, torch and
+the data are the same on both sides). The model is pipeline.models' "small"
+preset (~19M parameters) with its tokenizer trained on the HH file itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_pairs(n: int, tokenizer, max_length: int):
+    from dpo.config import DataConfig
+    from pipeline.formats import RowError, normalise
+    from pipeline.tokenize import tokenize_pair
+
+    data = DataConfig(max_length=max_length, max_prompt_length=max_length // 2)
+    out = []
+    with gzip.open(HH, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                tp = tokenize_pair(normalise(json.loads(line), "implicit", tokenizer), tokenizer, data)
+            except RowError:
+                continue
+            out.append((tp.prompt_ids, tp.chosen_ids, tp.rejected_ids))
+            if len(out) == n:
+                break
+    return out
+
+
+def child(args) -> None:
+    """One side of the comparison; prints one JSON line."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo.batching import Pairs, collate, epoch_plan, policy_logps
+    from dpo.losses import preference_loss
+    from pipeline.tokenize import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    raw = load_pairs(args.pairs, load_tokenizer(args.model), args.max_length)
+    rng = np.random.default_rng(0)
+    pairs = Pairs.from_tables([pa.table({
+        "pair_id": [f"{i:06d}" for i in range(len(raw))],
+        "prompt_ids": [p for p, _, _ in raw], "chosen_ids": [c for _, c, _ in raw],
+        "rejected_ids": [r for _, _, r in raw],
+        # stand-ins for cached scores: the cost of reading them is what is measured
+        "ref_chosen_logp": rng.normal(-100, 10, len(raw)), "ref_rejected_logp": rng.normal(-100, 10, len(raw)),
+    })])
+    plan = epoch_plan(pairs.tokens, args.batch_size, 8, seed=0, epoch=0)
+    base = rss_mib()
+    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    policy.train()
+    reference = None
+    if args.child == "live":
+        reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        reference.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    times, tokens = [], 0
+    for i in range(args.warmup + args.steps):
+        mb = collate(pairs, plan[i % len(plan)], 0, packed=False)
+        t0 = time.perf_counter()
+        chosen, rejected = policy_logps(policy, mb, average=False)
+        if reference is None:
+            ref_c, ref_r = mb.ref_chosen, mb.ref_rejected
+        else:
+            with torch.no_grad():
+                ref_c, ref_r = policy_logps(reference, mb, average=False)
+        out = preference_loss(chosen, rejected, ref_c, ref_r, loss_type="sigmoid", beta=0.1)
+        out.losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            tokens += mb.tokens
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mode": args.child, "steps_per_s": len(times) / sum(times), "tokens_per_s": tokens / sum(times),
+                      "peak_rss_mib": peak, "train_mib": peak - base}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray worker with 1 CPU has 1)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["cached", "live"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    if not HH.exists():
+        sys.exit(f"{HH} is absent: this benchmark reads Anthropic HH pairs from ../shared/data")
+    from pipeline.models import build_local_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        with gzip.open(HH, "rt", encoding="utf-8") as fh:
+            texts = [v for line, _ in zip(fh, range(2000)) for v in json.loads(line).values()]
+        model = build_local_model(os.path.join(tmp, "model"), texts, preset=args.preset, seed=0)
+        results = {}
+        for mode in ("cached", "live"):
+            cmd = [sys.executable, __file__, "--child", mode, "--model", model] + sys.argv[1:]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[mode] = json.loads(out.strip().splitlines()[-1])
+    c, v = results["cached"], results["live"]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch threads {args.threads}, preset {args.preset}, batch {args.batch_size} pairs, "
+          f"max_length {args.max_length}, {args.steps} steps")
+    print(f"{'':22}{'cached (ours)':>15}{'live reference':>16}{'ratio':>8}")
+    print(f"{'steps/s':22}{c['steps_per_s']:15.3f}{v['steps_per_s']:16.3f}{c['steps_per_s'] / v['steps_per_s']:7.2f}x")
+    print(f"{'tokens/s':22}{c['tokens_per_s']:15.0f}{v['tokens_per_s']:16.0f}{c['tokens_per_s'] / v['tokens_per_s']:7.2f}x")
+    print(f"{'peak RSS (MiB)':22}{c['peak_rss_mib']:15.0f}{v['peak_rss_mib']:16.0f}"
+          f"{c['peak_rss_mib'] / v['peak_rss_mib']:7.2f}x")
+    print(f"{'training memory (MiB)':22}{c['train_mib']:15.0f}{v['train_mib']:16.0f}"
+          f"{c['train_mib'] / v['train_mib']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

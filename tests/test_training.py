@@ -1,0 +1,199 @@
+"""DPO training on Ray Train end to end: learning, worker-count invariance, resume, recovery, outputs.
+
+Tiny model, 48 training pairs: every run is a real TorchTrainer run on CPU workers.
+"""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dpo import storage
+from dpo.batching import Pairs, collate, policy_logps
+from dpo.checkpoint import read_metrics
+from dpo.config import UserError, load_config
+from dpo.fingerprint import read_manifest
+from dpo.trainer import train
+from jobs.train import find_datasets
+from pipeline.precompute import precompute
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
+TIMING = {"tokens_per_second"}
+# 48 pairs, 8 per step (4 per worker x 2, or 8 x 1): 6 steps an epoch, 8 steps cross into epoch 1.
+TRAIN = ["train.loss_type=sigmoid", "train.beta=0.1", "train.learning_rate=2e-3", "train.lr_scheduler=constant",
+         "train.max_steps=8", "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
+         "train.eval_every=4", "train.max_failures=0", "train.cpus_per_worker=1"]
+
+
+def head(src, dst, n):
+    with open(src, encoding="utf-8") as fh, open(dst, "w", encoding="utf-8") as out:
+        out.writelines(line for _, line in zip(range(n), fh))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_model, ray_session):
+    """Reference scores for 48 train and 16 eval pairs, computed once and copied into each run."""
+    root = tmp_path_factory.mktemp("train-data")
+    files = [head(os.path.join(EXAMPLES, "train.jsonl"), root / "train.jsonl", 48),
+             head(os.path.join(EXAMPLES, "eval.jsonl"), root / "eval.jsonl", 16)]
+    overrides = [f"model.policy={tiny_model}", f"data.train_files=[{files[0]}]", f"data.eval_files=[{files[1]}]",
+                 "data.max_length=64", "data.max_prompt_length=48", f"run.output_dir={root / 'scored'}"]
+    cfg = load_config(None, overrides)
+    precompute(cfg, "train")
+    precompute(cfg, "eval")
+    return overrides, root / "scored"
+
+
+def run(base, out, *extra):
+    overrides, scored = base
+    for name in ("reference", "reference_eval"):
+        if not os.path.exists(out / name):
+            shutil.copytree(scored / name, out / name)
+    cfg = load_config(None, overrides + TRAIN + [f"run.output_dir={out}", *extra])
+    result = train(cfg, *find_datasets(cfg))
+    return cfg, result, read_metrics(result["metrics_path"])
+
+
+@pytest.fixture(scope="module")
+def two_workers(base, tmp_path_factory):
+    return run(base, tmp_path_factory.mktemp("two"), "train.num_workers=2", "train.batch_size=4")
+
+
+@pytest.fixture(scope="module")
+def one_worker(base, tmp_path_factory):
+    return run(base, tmp_path_factory.mktemp("one"), "train.num_workers=1", "train.batch_size=8")
+
+
+def close(a: dict, b: dict, tol: float) -> None:
+    assert set(a) == set(b)
+    for key in set(a) - TIMING:
+        if isinstance(a[key], float):
+            assert math.isclose(a[key], b[key], rel_tol=tol, abs_tol=tol), (key, a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+def weights(policy_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(policy_dir, "model.safetensors"))
+
+
+def test_metrics_lines_have_the_contract_fields(two_workers):
+    _, _, metrics = two_workers
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    fields = {"step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+              "rewards/margins", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm",
+              "tokens_per_second"}
+    for m in metrics:
+        assert fields <= set(m)
+        assert ("eval/rewards/accuracies" in m) == (m["step"] in (4, 8))
+    assert metrics[-1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("which", ["one_worker", "two_workers"])
+def test_one_and_two_workers_learn(which, request, tiny_model):
+    cfg, result, metrics = request.getfixturevalue(which)
+    assert abs(metrics[0]["loss"] - math.log(2)) < 1e-4       # policy == reference at step 1
+    first = np.mean([m["loss"] for m in metrics[:3]])
+    last = np.mean([m["loss"] for m in metrics[-3:]])
+    assert last < first - 0.05, (first, last)
+    assert abs(metrics[0]["rewards/margins"]) < 1e-4
+    assert np.mean([m["rewards/accuracies"] for m in metrics[-3:]]) > 0.6
+    before, after = weights(tiny_model), weights(result["policy"])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_two_workers_match_one_worker_with_double_batch(one_worker, two_workers):
+    """Same global batches, so the same mean gradient: step 1 agrees to float precision."""
+    a, b = one_worker[2][0], two_workers[2][0]
+    close(a, b, 1e-5)
+    assert a["grad_norm"] > 0
+
+
+def test_stop_and_resume_matches_uninterrupted(base, tmp_path, two_workers):
+    out = tmp_path / "resumed"
+    run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=4")
+    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4")
+    _, full, expected = two_workers
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    for got, want in zip(metrics, expected):
+        close(got, want, 1e-6)
+    w, v = weights(result["policy"]), weights(full["policy"])
+    assert all(torch.allclose(w[k], v[k], atol=1e-6, rtol=0) for k in w)
+
+
+def test_worker_failure_recovers_exactly(base, tmp_path, two_workers):
+    out = tmp_path / "failing"
+    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "debug.fail_at_step=5",
+                             "train.max_failures=1")
+    assert (out / "train" / ".failed_at_step_5").exists()      # it did die once
+    _, full, expected = two_workers
+    assert [m["step"] for m in metrics] == list(range(1, 9))   # each step exactly once
+    close(metrics[-1], expected[-1], 1e-6)
+    w, v = weights(result["policy"]), weights(full["policy"])
+    assert all(torch.allclose(w[k], v[k], atol=1e-6, rtol=0) for k in w)
+
+
+def test_policy_loads_and_gives_the_trained_logps(two_workers):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, result, metrics = two_workers
+    model = AutoModelForCausalLM.from_pretrained(result["policy"]).eval()
+    AutoTokenizer.from_pretrained(result["policy"])
+    folder = os.path.join(cfg.run.output_dir, "reference_eval")
+    pairs = Pairs.from_tables([storage.read_parquet_files(folder, read_manifest(folder)["files"])])
+    with torch.no_grad():
+        chosen, rejected = policy_logps(model, collate(pairs, np.arange(len(pairs)), 0, packed=False), average=False)
+    assert math.isclose(float(chosen.mean()), metrics[-1]["eval/logps/chosen"], rel_tol=1e-5, abs_tol=1e-4)
+    assert math.isclose(float(rejected.mean()), metrics[-1]["eval/logps/rejected"], rel_tol=1e-5, abs_tol=1e-4)
+
+
+def test_checkpoints_are_complete_and_pruned(two_workers):
+    cfg, _, _ = two_workers
+    root = os.path.join(cfg.run.output_dir, "train", "checkpoints")
+    assert sorted(os.listdir(root)) == ["step-00000006", "step-00000008"]   # keep_checkpoints=2
+    for name in os.listdir(root):
+        assert os.path.exists(os.path.join(root, name, "COMPLETE"))
+    with open(os.path.join(root, "step-00000008", "state.json")) as fh:
+        assert json.load(fh) == {"step": 8, "epoch": 1}
+
+
+def test_fingerprint_mismatch_is_a_clean_error(base, tmp_path):
+    overrides, scored = base
+    cfg = load_config(None, overrides + [f"run.output_dir={scored}", "data.max_length=60"])
+    with pytest.raises(UserError, match="max_length"):
+        find_datasets(cfg)
+
+
+def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, tmp_path, ray_session):
+    """Scoring and training agree: policy == reference gives margins 0 and loss ln 2 on real pairs."""
+    src = tmp_path / "hh-24.jsonl"
+    head(hh_pairs, src, 24)
+    cfg = load_config(None, [f"model.policy={tiny_model}", f"data.train_files=[{src}]", "data.max_length=128",
+                             "data.max_prompt_length=96", f"run.output_dir={tmp_path / 'hh'}",
+                             "train.num_workers=1", "train.batch_size=8", "train.max_steps=1",
+                             "train.save_policy=false", "train.loss_type=sigmoid", "train.cpus_per_worker=1"])
+    manifest = precompute(cfg, "train")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    folder = os.path.join(cfg.run.output_dir, "reference")
+    pairs = Pairs.from_tables([storage.read_parquet_files(folder, manifest["files"])])
+    with torch.no_grad():
+        for packed in (False, True):
+            chosen, rejected = policy_logps(model, collate(pairs, np.arange(len(pairs)), 0, packed), average=False)
+            assert np.allclose(chosen.numpy(), pairs.ref_chosen, atol=1e-4, rtol=1e-6)
+            assert np.allclose(rejected.numpy(), pairs.ref_rejected, atol=1e-4, rtol=1e-6)
+    result = train(cfg, *find_datasets(cfg))
+    first = read_metrics(result["metrics_path"])[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-4
+    assert abs(first["rewards/margins"]) < 1e-4
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
