@@ -67,6 +67,11 @@ class HFScorer:
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if attn_implementation is None and self.device == "cpu":
+            # On CPU eager attention scores a sequence bit-identically in any batch (SDPA
+            # takes another kernel for an unmasked batch: ~1e-8 relative drift) and
+            # measured faster here on sorted, lightly padded batches (docs/benchmarks.md).
+            attn_implementation = "eager"
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, dtype), use_safetensors=True,
@@ -260,9 +265,26 @@ def check_reference_model(cfg: Config) -> None:
             raise UserError(f"{key}: {os.path.join(path, name)} is not a readable safetensors file ({exc}); "
                             "re-save or re-download the model") from None
     ref = cfg.reference
+    check_pool_fits(cfg)
     if ref.backend == "vllm" and ref.tensor_parallel_size == 1 and ref.gpus_per_actor <= 0:
         raise UserError("reference.backend=vllm runs on GPUs: set reference.gpus_per_actor=1 "
                         "(or reference.backend=hf to score on CPU)")
+
+
+def check_pool_fits(cfg: Config) -> None:
+    """Refuse a pool that would take every CPU: the read and tokenize tasks feeding it would never run."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    wanted = cfg.reference.num_actors * cfg.reference.cpus_per_actor
+    if cpus and wanted >= cpus:
+        raise UserError(
+            f"the scoring pool takes {wanted:g} of the cluster's {cpus:g} CPUs (reference.num_actors x "
+            "reference.cpus_per_actor), leaving none to read and tokenize the input, so it would wait forever; "
+            "lower reference.num_actors or reference.cpus_per_actor (fractions such as 0.5 are fine)"
+        )
 
 
 def _actor_options(max_restarts: int, tensor_parallel_size: int) -> Callable[[], dict]:

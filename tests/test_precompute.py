@@ -1,0 +1,267 @@
+"""End-to-end tests of the reference stage: pipeline.precompute, its jobs, resume, fault injection, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dpo import fingerprint as fpr
+from dpo.config import UserError, load_config
+from dpo.storage import read_parquet_files
+from pipeline import manifest as mf
+from pipeline.precompute import precompute
+from pipeline.prepare import dataset_folder
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+EVAL = str(EXAMPLES / "eval.jsonl")  # 200 pairs
+
+
+def make_config(tmp_path: Path, model: str, files=(EVAL,), **overrides):
+    base = {"run.output_dir": str(tmp_path / "run"), "model.policy": model, "data.train_files": list(files),
+            "data.max_length": 64, "data.max_prompt_length": 32, "data.shard_rows": 50,
+            "reference.batch_tokens": 1024, "reference.pairs_per_call": 64}
+    base.update(overrides)
+    return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in base.items()])
+
+
+def scores(cfg, split="train") -> dict[str, tuple[float, float]]:
+    folder = dataset_folder(cfg, "reference", split)
+    table = read_parquet_files(folder, fpr.read_manifest(folder)["files"])
+    rows = table.to_pylist()
+    ids = [r["pair_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a pair was written twice"
+    return {r["pair_id"]: (r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in rows}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, tiny_model):
+    """examples/data/eval.jsonl scored once, cleanly, in 4 shards; eager attention (batch-invariant to the bit)."""
+    cfg = make_config(tmp_path_factory.mktemp("clean"), tiny_model, **{"model.attn_implementation": "eager"})
+    manifest = precompute(cfg)
+    return cfg, manifest, scores(cfg)
+
+
+# --------------------------------------------------------------------------- the numbers
+
+
+def test_cached_scores_equal_one_pair_per_forward_on_examples(clean, tiny_model, independent_logp):
+    cfg, manifest, _ = clean
+    folder = dataset_folder(cfg, "reference", "train")
+    rows = read_parquet_files(folder, manifest["files"]).to_pylist()
+    assert len(rows) == manifest["counts"]["kept"] == 200
+    worst = max(max(abs(r["ref_chosen_logp"] - independent_logp(tiny_model, r["prompt_ids"], r["chosen_ids"])),
+                    abs(r["ref_rejected_logp"] - independent_logp(tiny_model, r["prompt_ids"], r["rejected_ids"])))
+                for r in rows)
+    assert worst < 1e-5
+    assert manifest["backend"] == "hf" and manifest["dtype"] == "float32"
+    assert manifest["reference_model"] == tiny_model and manifest["fingerprint"]["reference_model"]
+    saved = yaml.safe_load(Path(folder, "config.yaml").read_text())
+    assert saved["model"]["policy"] == tiny_model
+
+
+@pytest.mark.slow
+def test_cached_scores_equal_one_pair_per_forward_on_hh(tmp_path, tiny_model, hh_pairs, independent_logp):
+    cfg = make_config(tmp_path, tiny_model, files=[hh_pairs], **{"data.max_length": 192,
+                                                                  "data.max_prompt_length": 128})
+    manifest = precompute(cfg)
+    c = manifest["counts"]
+    assert c["read"] == 64 and c["kept"] + c["rejected"] == 64 and c["kept"] >= 32
+    rows = read_parquet_files(dataset_folder(cfg, "reference", "train"), manifest["files"]).to_pylist()
+    assert len(rows) == c["kept"]
+    for r in rows:
+        assert r["ref_chosen_logp"] == pytest.approx(
+            independent_logp(tiny_model, r["prompt_ids"], r["chosen_ids"]), abs=1e-5)
+        assert r["ref_rejected_logp"] == pytest.approx(
+            independent_logp(tiny_model, r["prompt_ids"], r["rejected_ids"]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_pairs_per_call_batch_tokens_and_actor_count_do_not_change_scores(clean, tmp_path, tiny_model):
+    _, _, expected = clean
+    cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager", "reference.num_actors": 2,
+                                               "reference.cpus_per_actor": 0.5,
+                                               "reference.pairs_per_call": 7, "reference.batch_tokens": 150})
+    precompute(cfg)
+    assert max_diff(scores(cfg), expected) <= 1e-6
+
+
+# --------------------------------------------------------------------------- resume and faults
+
+
+@pytest.mark.slow
+def test_rerun_after_interruption_scores_only_unfinished_shards(clean, tmp_path, tiny_model):
+    _, _, expected = clean
+    cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager"})
+    first = precompute(cfg)
+    assert first["written_shards"] == 4
+    folder = dataset_folder(cfg, "reference", "train")
+    # An interrupted run: the manifest was never written and two shards never committed.
+    os.remove(os.path.join(folder, fpr.MANIFEST))
+    for shard in ("0000-000001", "0000-000003"):
+        os.remove(os.path.join(folder, mf.SHARDS, f"{shard}.json"))
+        os.remove(os.path.join(folder, f"part-{shard}.parquet"))
+    second = precompute(cfg)
+    assert second["resumed_shards"] == 2 and second["written_shards"] == 2
+    assert second["timings"]["pairs_this_run"] == 100
+    assert second["counts"]["kept"] == 200
+    assert max_diff(scores(cfg), expected) <= 1e-6
+    # Complete now: a third run reuses it without scoring anything.
+    assert precompute(cfg)["finished_at"] == second["finished_at"]
+
+
+@pytest.mark.slow
+def test_scoring_actor_killed_mid_run_is_restarted_and_scores_match(clean, tmp_path, tiny_model):
+    _, _, expected = clean
+    cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager", "reference.pairs_per_call": 16,
+                                               "debug.fail_scoring_after_batches": 2})
+    manifest = precompute(cfg)
+    folder = dataset_folder(cfg, "reference", "train")
+    assert os.path.exists(os.path.join(folder, "_debug_scoring_failed")), "the actor never died"
+    assert manifest["counts"]["kept"] == 200
+    assert max_diff(scores(cfg), expected) <= 1e-6
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _other_tokenizer(tmp_path: Path, model: str) -> dict:
+    """Same vocabulary, different tokenizer files: tokenizer.json re-serialised."""
+    folder = tmp_path / "tok"
+    shutil.copytree(model, folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text(json.dumps(data, indent=1))
+    return {"model.tokenizer": str(folder)}
+
+
+def _other_template(tmp_path: Path, model: str) -> dict:
+    folder = tmp_path / "tok"
+    shutil.copytree(model, folder)
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text() + "{# changed #}")
+    return {"model.tokenizer": str(folder)}
+
+
+def _other_reference(tmp_path: Path, model: str) -> dict:
+    from pipeline.models import build_local_model, iter_texts
+
+    other = build_local_model(tmp_path / "ref", iter_texts([str(EXAMPLES / "train.jsonl")]), preset="tiny", seed=1)
+    return {"model.reference": other}
+
+
+def _other_files(tmp_path: Path, model: str) -> dict:
+    path = tmp_path / "eval.jsonl"
+    path.write_text(Path(EVAL).read_text().replace("Sure", "Yes"))
+    return {"data.train_files": [str(path)]}
+
+
+CHANGES = {
+    "reference_model": _other_reference,
+    "tokenizer": _other_tokenizer,
+    "chat_template": _other_template,
+    "max_length": lambda tmp_path, model: {"data.max_length": 80},
+    "max_prompt_length": lambda tmp_path, model: {"data.max_prompt_length": 24},
+    "truncation": lambda tmp_path, model: {"data.truncation": "keep_start"},
+    "input_files": _other_files,
+    "tokenization_version": None,
+}
+
+
+@pytest.mark.parametrize("field", list(CHANGES))
+def test_a_dataset_with_another_fingerprint_is_refused_naming_the_field(clean, tmp_path, tiny_model, monkeypatch,
+                                                                        field):
+    cfg, _, _ = clean
+    change = CHANGES[field]
+    if change is None:
+        monkeypatch.setattr("pipeline.precompute.TOKENIZATION_VERSION", "changed")
+        overrides = {}
+    else:
+        overrides = change(tmp_path, tiny_model)
+    other = make_config(Path(cfg.run.output_dir).parent, tiny_model, **{"model.attn_implementation": "eager"},
+                        **overrides)
+    with pytest.raises(fpr.FingerprintMismatch, match=f"field '{field}'"):
+        precompute(other)
+
+
+def test_a_dataset_scored_in_another_dtype_is_refused(clean, tiny_model):
+    cfg, _, _ = clean
+    other = make_config(Path(cfg.run.output_dir).parent, tiny_model, **{"model.dtype": "bfloat16"})
+    with pytest.raises(UserError, match="model.dtype=float32 but the config gives model.dtype=bfloat16"):
+        precompute(other)
+
+
+def test_a_model_that_cannot_load_fails_before_scoring(tmp_path, tiny_model):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    cfg = make_config(tmp_path, tiny_model, **{"model.reference": str(broken)})
+    with pytest.raises(UserError, match="model.reference: .* is not a readable safetensors file"):
+        precompute(cfg)
+    assert not os.path.exists(dataset_folder(cfg, "reference", "train"))
+
+
+# --------------------------------------------------------------------------- the jobs
+
+
+def _write_config(path: Path, cfg) -> str:
+    path.write_text(cfg.to_yaml())
+    return str(path)
+
+
+def test_verify_reference_passes_on_good_scores_and_fails_on_tampered_ones(clean, tmp_path, capsys):
+    from jobs import verify_reference
+
+    cfg, manifest, _ = clean
+    good = _write_config(tmp_path / "good.yaml", cfg)
+    verify_reference.main(["--config", good, "--sample", "16"])
+    assert "OK: all 16 pairs" in capsys.readouterr().out
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.run.output_dir, copy)
+    tampered = cfg.model_copy(deep=True)
+    tampered.run.output_dir = str(copy)
+    part = copy / "reference" / manifest["files"][0]
+    table = pq.read_table(part)
+    values = table.column("ref_chosen_logp").to_pylist()
+    values[3] += 0.5  # one pair off by half a nat
+    pq.write_table(table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp",
+                                    [values]), part)
+    with pytest.raises(SystemExit) as exit_:
+        verify_reference.main(["--config", _write_config(tmp_path / "bad.yaml", tampered), "--sample", "400"])
+    assert exit_.value.code == 1
+    bad_id = table.column("pair_id")[3].as_py()
+    assert bad_id in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_precompute_job_scores_train_and_eval_and_prints_a_summary(tmp_path, tiny_model, capsys):
+    from jobs import precompute_reference
+
+    cfg = make_config(tmp_path, tiny_model, **{"data.eval_files": [EVAL], "data.shard_rows": 1000})
+    precompute_reference.main(["--config", _write_config(tmp_path / "c.yaml", cfg)])
+    out = capsys.readouterr().out
+    assert "reference scores (train, hf, float32)" in out and "reference scores (eval, hf, float32)" in out
+    assert scores(cfg).keys() == scores(cfg, "eval").keys()
+
+
+def test_precompute_job_exits_2_with_one_line_for_a_missing_model(tmp_path, capsys):
+    from jobs import precompute_reference
+
+    cfg = make_config(tmp_path, str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit) as exit_:
+        precompute_reference.main(["--config", _write_config(tmp_path / "c.yaml", cfg)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0]
