@@ -1,0 +1,79 @@
+"""Promise: a precompute whose driver is killed outright (SIGKILL, no chance to clean up) and then rerun
+gives exactly one row per kept pair, with the same scores as a clean run, and the rerun scores only
+the shards the killed run had not finished."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo import fingerprint as fpr
+from dpo.config import load_config
+from dpo.storage import read_parquet_files
+from pipeline import manifest as mf
+from pipeline.precompute import precompute
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT / "examples" / "data" / "eval.jsonl"
+pytestmark = pytest.mark.slow
+
+
+def write_config(path: Path, out: Path, model: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "run": {"output_dir": str(out)},
+        "data": {"train_files": [str(EVAL)], "max_length": 64, "max_prompt_length": 32, "shard_rows": 10},
+        "model": {"policy": model, "attn_implementation": "eager"},
+        "reference": {"pairs_per_call": 4, "batch_tokens": 256},
+    }))
+    return path
+
+
+def reference_rows(out: Path) -> list[dict]:
+    folder = str(out / "reference")
+    return read_parquet_files(folder, fpr.read_manifest(folder)["files"]).to_pylist()
+
+
+def run_job(config: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.precompute_reference", "--config", str(config)],
+                            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_driver_killed_mid_run_then_rerun(tmp_path, tiny_model, ray_session):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", out, tiny_model)
+    markers = out / "reference" / mf.SHARDS
+
+    job = run_job(config, tmp_path / "first.log")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(markers.glob("*.json"))) < 3 and job.poll() is None:
+        time.sleep(0.05)
+    assert job.poll() is None, "the first run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    os.killpg(job.pid, signal.SIGKILL)  # the driver's own local Ray, which a dead driver leaves behind
+    done_before = {p.stem for p in markers.glob("*.json")}
+    assert 3 <= len(done_before) < 20
+    assert not (out / "reference" / fpr.MANIFEST).exists(), "a killed run must not look complete"
+
+    rerun = run_job(config, tmp_path / "second.log")
+    assert rerun.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    manifest = fpr.read_manifest(str(out / "reference"))
+    assert manifest["resumed_shards"] == len(done_before)
+    assert manifest["written_shards"] == 20 - len(done_before)
+
+    rows = reference_rows(out)
+    ids = [r["pair_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == manifest["counts"]["kept"] == 200
+
+    clean_cfg = load_config(str(config), [f"run.output_dir={tmp_path / 'clean'}"])
+    precompute(clean_cfg)
+    clean = {r["pair_id"]: (r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in reference_rows(tmp_path / "clean")}
+    assert max(abs(a - b) for r in rows for a, b in
+               zip((r["ref_chosen_logp"], r["ref_rejected_logp"]), clean[r["pair_id"]])) <= 1e-6
+    assert json.loads((out / "reference" / "_progress.json").read_text())["fingerprint"] == manifest["fingerprint"]
