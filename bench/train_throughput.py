@@ -11,8 +11,11 @@ the reference log-probs come from:
 - live (TRL without precompute_ref_log_probs): a frozen copy of the policy
   scores every batch with an extra forward pass.
 
-Each side runs in a fresh process so its peak RSS is its own. "Training memory"
-is the peak RSS minus the RSS before any model was loaded (Python, torch and
+Throughput: both sides in one process, their steps interleaved on the same
+batches, so other load on the machine slows both alike. Memory: each side
+alone in a fresh process, so its peak RSS is its own. "Training memory"
+is the peak RSS minus the RSS before any model was loaded, the peak counted
+from then on (Python, torch and
 the data are the same on both sides). The model is pipeline.models' "small"
 preset (~19M parameters) with its tokenizer trained on the HH file itself.
 """
@@ -20,11 +23,11 @@ preset (~19M parameters) with its tokenizer trained on the HH file itself.
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,12 +39,19 @@ import numpy as np
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 
 
-def rss_mib() -> float:
+def status_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process."""
     with open("/proc/self/status", encoding="utf-8") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak() -> None:
+    # "5" resets VmHWM to the current RSS (Linux): the peak of tokenizing the data must not count.
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as fh:
+        fh.write("5")
 
 
 def load_pairs(n: int, tokenizer, max_length: int):
@@ -63,19 +73,16 @@ def load_pairs(n: int, tokenizer, max_length: int):
     return out
 
 
-def child(args) -> None:
-    """One side of the comparison; prints one JSON line."""
+def setup(args, model_dir):
     import pyarrow as pa
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from dpo.batching import Pairs, collate, epoch_plan, policy_logps
-    from dpo.losses import preference_loss
+    from dpo.batching import Pairs, epoch_plan
     from pipeline.tokenize import load_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    raw = load_pairs(args.pairs, load_tokenizer(args.model), args.max_length)
+    raw = load_pairs(args.pairs, load_tokenizer(model_dir), args.max_length)
     rng = np.random.default_rng(0)
     pairs = Pairs.from_tables([pa.table({
         "pair_id": [f"{i:06d}" for i in range(len(raw))],
@@ -84,36 +91,74 @@ def child(args) -> None:
         # stand-ins for cached scores: the cost of reading them is what is measured
         "ref_chosen_logp": rng.normal(-100, 10, len(raw)), "ref_rejected_logp": rng.normal(-100, 10, len(raw)),
     })])
-    plan = epoch_plan(pairs.tokens, args.batch_size, 8, seed=0, epoch=0)
-    base = rss_mib()
-    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    policy.train()
-    reference = None
-    if args.child == "live":
-        reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        reference.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    times, tokens = [], 0
-    for i in range(args.warmup + args.steps):
-        mb = collate(pairs, plan[i % len(plan)], 0, packed=False)
+    return pairs, epoch_plan(pairs.tokens, args.batch_size, 8, seed=0, epoch=0)
+
+
+class Side:
+    """One worker's training state; `live` adds a frozen reference that scores every batch."""
+
+    def __init__(self, model_dir: str, live: bool):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+        self.reference = None
+        if live:
+            self.reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            self.reference.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-5)
+
+    def step(self, mb) -> float:
+        import torch
+
+        from dpo.batching import policy_logps
+        from dpo.losses import preference_loss
+
         t0 = time.perf_counter()
-        chosen, rejected = policy_logps(policy, mb, average=False)
-        if reference is None:
+        chosen, rejected = policy_logps(self.policy, mb, average=False)
+        if self.reference is None:
             ref_c, ref_r = mb.ref_chosen, mb.ref_rejected
         else:
             with torch.no_grad():
-                ref_c, ref_r = policy_logps(reference, mb, average=False)
-        out = preference_loss(chosen, rejected, ref_c, ref_r, loss_type="sigmoid", beta=0.1)
-        out.losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            tokens += mb.tokens
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"mode": args.child, "steps_per_s": len(times) / sum(times), "tokens_per_s": tokens / sum(times),
-                      "peak_rss_mib": peak, "train_mib": peak - base}))
+                ref_c, ref_r = policy_logps(self.reference, mb, average=False)
+        preference_loss(chosen, rejected, ref_c, ref_r, loss_type="sigmoid", beta=0.1).losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+def child(args) -> None:
+    """Peak memory of one side alone, in a fresh process; prints one JSON line."""
+    from dpo.batching import collate
+
+    pairs, plan = setup(args, args.model)
+    gc.collect()
+    reset_peak()
+    base = status_mib("VmRSS")
+    side = Side(args.model, live=args.child == "live")
+    for i in range(3):
+        side.step(collate(pairs, plan[i], 0, packed=False))
+    peak = status_mib("VmHWM")
+    print(json.dumps({"peak_rss_mib": peak, "train_mib": peak - base}))
+
+
+def speed(args, model_dir) -> dict:
+    """Both sides in one process, steps interleaved, so load from elsewhere hits both alike."""
+    from dpo.batching import collate
+
+    pairs, plan = setup(args, model_dir)
+    sides = {"cached": Side(model_dir, live=False), "live": Side(model_dir, live=True)}
+    times = {k: [] for k in sides}
+    tokens = 0
+    for i in range(args.warmup + args.steps):
+        mb = collate(pairs, plan[i % len(plan)], 0, packed=False)
+        for name, side in sides.items():
+            elapsed = side.step(mb)
+            if i >= args.warmup:
+                times[name].append(elapsed)
+        tokens += mb.tokens if i >= args.warmup else 0
+    return {k: {"steps_per_s": len(v) / sum(v), "tokens_per_s": tokens / sum(v)} for k, v in times.items()}
 
 
 def main() -> None:
@@ -139,11 +184,11 @@ def main() -> None:
         with gzip.open(HH, "rt", encoding="utf-8") as fh:
             texts = [v for line, _ in zip(fh, range(2000)) for v in json.loads(line).values()]
         model = build_local_model(os.path.join(tmp, "model"), texts, preset=args.preset, seed=0)
-        results = {}
+        results = speed(args, model)
         for mode in ("cached", "live"):
             cmd = [sys.executable, __file__, "--child", mode, "--model", model] + sys.argv[1:]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[mode] = json.loads(out.strip().splitlines()[-1])
+            results[mode].update(json.loads(out.strip().splitlines()[-1]))
     c, v = results["cached"], results["live"]
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {args.threads}, preset {args.preset}, batch {args.batch_size} pairs, "

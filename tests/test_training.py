@@ -197,3 +197,10 @@ def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, 
     assert abs(first["loss"] - math.log(2)) < 1e-4
     assert abs(first["rewards/margins"]) < 1e-4
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+
+
+def test_nonfinite_loss_stops_with_step_and_pairs(base, tmp_path):
+    """A learning rate that blows the weights up: the run ends with a clean error naming the step."""
+    with pytest.raises(UserError, match=r"non-finite loss at step \d+ .*on_nonfinite_loss=skip"):
+        run(base, tmp_path / "diverged", "train.num_workers=1", "train.batch_size=8", "train.learning_rate=1e30",
+            "train.max_steps=4", "train.save_policy=false")
