@@ -5,17 +5,16 @@ reference dataset whose fingerprint matches), then trains. Reference-free
 losses (simpo, sft) skip scoring and train from the prepared dataset.
 
 --build-model PRESET builds a small local model (pipeline.models presets) into
-model.policy when that folder holds none yet, its tokenizer trained on
-data.train_files: how the quickstart runs without any model download.
+model.policy, its tokenizer trained on data.train_files, unless that exact
+build is there already: how the quickstart runs without any model download.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
-from dpo.config import Config
+from dpo.config import Config, UserError
 from jobs import train as train_job
 from jobs.cli import job
 from jobs.summary import print_dataset_summary, table
@@ -28,14 +27,15 @@ log = logging.getLogger("raydpo")
 
 def _flags(parser) -> None:
     parser.add_argument("--build-model", metavar="PRESET", choices=sorted(PRESETS),
-                        help="build a local model of this preset into model.policy if it holds none")
+                        help="build a local model of this preset into model.policy (kept if already built)")
 
 
 def build_model(cfg: Config, preset: str) -> None:
-    if os.path.exists(os.path.join(cfg.model.policy, "config.json")):
-        return
-    log.info("building a %s model into %s", preset, cfg.model.policy)
-    build_local_model(cfg.model.policy, iter_texts(split_files(cfg, "train")), preset=preset, seed=cfg.run.seed)
+    log.info("model.policy: a %s model built from data.train_files into %s", preset, cfg.model.policy)
+    try:
+        build_local_model(cfg.model.policy, iter_texts(split_files(cfg, "train")), preset=preset, seed=cfg.run.seed)
+    except ValueError as exc:
+        raise UserError(f"--build-model: {exc}") from None
 
 
 def main(argv=None) -> None:
