@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import yaml
+
 from dpo import storage
 from dpo.checkpoint import read_metrics
 from dpo.config import Config, UserError
@@ -66,6 +68,29 @@ def validate(cfg: Config, train: TrainData) -> None:
         log.warning("train.strategy=fsdp on CPU runs over gloo: supported, but slow; ddp is the usual choice")
 
 
+# Keys that may change between a run and its resumption: they do not alter what a step computes.
+RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
+               "eval_every", "tensorboard", "save_policy", "cpus_per_worker"}
+
+
+def _check_resumable(cfg: Config, train_dir: str) -> None:
+    """Refuse to continue checkpoints that another training config wrote."""
+    from dpo.checkpoint import complete_steps
+
+    saved_path = storage.join(train_dir, "config.yaml")
+    if not complete_steps(storage.join(train_dir, "checkpoints")) or not storage.exists(saved_path):
+        return
+    saved = yaml.safe_load(storage.read_text(saved_path)) or {}
+    now = cfg.model_dump(mode="json")
+    changed = [f"train.{k}" for k, v in now["train"].items() if k not in RESUME_SAFE and saved.get("train", {}).get(k) != v]
+    changed += [f"{section}.{k}" for section in ("model", "run") for k, v in now[section].items()
+                if k != "name" and saved.get(section, {}).get(k) != v]
+    if changed:
+        raise UserError(f"{train_dir} holds checkpoints of a run with another {changed[0]}"
+                        f"{' (and ' + ', '.join(changed[1:]) + ')' if changed[1:] else ''}, and training resumes "
+                        "from them; set it back to resume, or delete that folder (or set run.output_dir) to start over")
+
+
 def _with_absolute_paths(cfg: Config) -> Config:
     """Workers run in another directory: relative local paths would not resolve there."""
     cfg = cfg.model_copy(deep=True)
@@ -98,6 +123,7 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
     cfg = _with_absolute_paths(cfg)
     t = cfg.train
     train_dir = storage.join(cfg.run.output_dir, "train")
+    _check_resumable(cfg, train_dir)
     cfg.save(storage.join(train_dir, "config.yaml"))
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -204,3 +204,12 @@ def test_nonfinite_loss_stops_with_step_and_pairs(base, tmp_path):
     with pytest.raises(UserError, match=r"non-finite loss at step \d+ .*on_nonfinite_loss=skip"):
         run(base, tmp_path / "diverged", "train.num_workers=1", "train.batch_size=8", "train.learning_rate=1e30",
             "train.max_steps=4", "train.save_policy=false")
+
+
+def test_resuming_under_another_config_is_refused(base, two_workers):
+    cfg, _, _ = two_workers
+    overrides, _ = base
+    changed = load_config(None, overrides + TRAIN + [f"run.output_dir={cfg.run.output_dir}", "train.num_workers=2",
+                                                     "train.batch_size=4", "train.learning_rate=1e-4"])
+    with pytest.raises(UserError, match="train.learning_rate"):
+        train(changed, *find_datasets(changed))
