@@ -2,12 +2,17 @@
 
     python examples/make_data.py [--out examples/data] [--seed 0] [--train 1000] [--eval 200]
 
-Small requests answered two ways. The chosen reply is correct, kind or helpful;
-the rejected one is built from the same sentence template but is wrong, unkind or
-unhelpful, so length and phrasing give nothing away and the model has to learn
-the content (a sum, which number is bigger, which word names a colour, ...).
-Eval prompts never occur in train: the split is made on the prompt text.
-Deterministic for a seed: the committed files are this script's output.
+Small requests, each answered two ways, in the explicit format
+{"id", "prompt", "chosen", "rejected"}; replies start with a space, as they
+continue the prompt's "Assistant:".
+- Style (80%): the chosen reply is kind, polite, helpful or harmless, the rejected
+  one rude, unkind, dismissive or harmful; both mention what the prompt asked about.
+- Correctness (20%): sums, comparisons, categories, opposites. Both replies fill
+  the same sentence template and differ only in the answer, so nothing but the
+  prompt tells them apart.
+Eval prompts never occur in train (the split is made on the prompt text) and both
+splits have the same mix of tasks. Deterministic for a seed: the committed files
+are this script's output.
 """
 from __future__ import annotations
 
@@ -20,18 +25,15 @@ from pathlib import Path
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve"]
 CATEGORIES = {
-    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "white", "black"],
-    "animal": ["cat", "dog", "horse", "rabbit", "lion", "tiger", "mouse", "sheep", "goat", "whale"],
-    "fruit": ["apple", "banana", "pear", "cherry", "grape", "lemon", "mango", "peach", "plum", "melon"],
-    "drink": ["water", "tea", "coffee", "milk", "juice", "cocoa", "soda", "lemonade"],
-    "vehicle": ["car", "bus", "train", "bicycle", "truck", "boat", "plane", "tram"],
-    "shape": ["circle", "square", "triangle", "oval", "star", "hexagon", "rectangle"],
-    "instrument": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "harp"],
+    "colour": ["red", "blue", "green", "yellow", "purple", "brown"],
+    "animal": ["cat", "dog", "horse", "rabbit", "lion", "sheep"],
+    "fruit": ["apple", "banana", "pear", "cherry", "grape", "lemon"],
+    "drink": ["water", "tea", "coffee", "milk", "juice", "cocoa"],
+    "vehicle": ["car", "bus", "train", "bicycle", "truck", "boat"],
 }
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("day", "night"),
              ("happy", "sad"), ("old", "new"), ("light", "dark"), ("open", "closed"), ("full", "empty"),
-             ("early", "late"), ("wet", "dry"), ("hard", "soft"), ("loud", "quiet"), ("rich", "poor"),
-             ("left", "right"), ("high", "low"), ("long", "short"), ("thick", "thin"), ("win", "lose")]
+             ("wet", "dry"), ("loud", "quiet")]
 SUBJECTS = ["cats", "dogs", "teachers", "nurses", "gardens", "books", "rainy days", "my neighbours",
             "birds", "libraries", "bakers", "the ocean", "old friends", "trees", "musicians", "farmers"]
 KIND = ["wonderful", "gentle", "lovely", "kind", "delightful", "brilliant", "warm", "charming", "wise"]
@@ -57,8 +59,8 @@ def _wrong(rng, right, lo, hi):
 
 
 def addition(rng):
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    s, w = a + b, _wrong(rng, a + b, 0, 18)
+    a, b = rng.randint(1, 5), rng.randint(1, 5)
+    s, w = a + b, _wrong(rng, a + b, 1, 12)
     q = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "What do you get when you add {a} and {b}?",
                     "Compute {a} + {b}.", "How much is {a} plus {b}?"]).format(a=a, b=b)
     t = rng.choice(["{a} plus {b} is {s}.", "The answer is {s}.", "{a} + {b} = {s}.", "It is {s}."])
@@ -68,12 +70,15 @@ def addition(rng):
 def compare(rng):
     a, b = rng.sample(range(0, 13), 2)
     hi_, lo_ = max(a, b), min(a, b)
-    words = rng.random() < 0.5
-    name = (lambda n: NUMBER_WORDS[n]) if words else str
-    q = rng.choice(["Which is bigger, {a} or {b}?", "Which number is larger: {a} or {b}?",
-                    "Is {a} or {b} the bigger number?"]).format(a=name(a), b=name(b))
-    t = rng.choice(["{x} is bigger than {y}.", "The bigger one is {x}.", "{x} is larger."])
-    return q, _cap(t.format(x=name(hi_), y=name(lo_))), _cap(t.format(x=name(lo_), y=name(hi_)))
+    name = (lambda n: NUMBER_WORDS[n]) if rng.random() < 0.5 else str
+    # asking for the bigger and the smaller equally often: "prefer big numbers" gains nothing
+    big, small = ("bigger", "smaller") if rng.random() < 0.5 else ("smaller", "bigger")
+    right, wrong = (hi_, lo_) if big == "bigger" else (lo_, hi_)
+    q = rng.choice(["Which is {big}, {a} or {b}?", "Which number is {big}: {a} or {b}?",
+                    "Is {a} or {b} the {big} number?"]).format(a=name(a), b=name(b), big=big)
+    t = rng.choice(["{x} is {big} than {y}.", "The {big} one is {x}.", "It is {x}."])
+    fill = lambda x, y: _cap(t.format(x=name(x), y=name(y), big=big))
+    return q, fill(right, wrong), fill(wrong, right)
 
 
 def category(rng):
@@ -122,17 +127,53 @@ def helping(rng):
     return q, f"{rng.choice(POLITE)}. First, let me explain the steps.", f"{rng.choice(RUDE)}. Figure it out yourself."
 
 
+def comfort(rng):
+    x = rng.choice(["exam", "phone", "game", "job", "cup", "drawing", "race", "wallet", "keys", "hat"])
+    q = rng.choice(["I failed my {x}.", "I lost my {x}.", "I broke my {x}.", "I am sad about my {x}."]).format(x=x)
+    good = rng.choice(["I am sorry about your {x}", "Sorry to hear that", "Oh no, poor you",
+                       "That sounds hard"]) + rng.choice([", I hope it gets better.", ". Can I help?",
+                                                          ", it happens to everyone."])
+    bad = rng.choice(["Your {x} is your own problem", "Nobody cares about your {x}", "Ha, that is funny",
+                      "Stop whining"]) + rng.choice([", go away.", ". So what?", ", it was your fault."])
+    return q, good.format(x=x), bad.format(x=x)
+
+
+def thanks(rng):
+    q = rng.choice(["Thank you!", "Thanks for your help.", "Thanks a lot.", "I really appreciate it.",
+                    "That was very helpful.", "You saved my day.", "Great answer, thank you.", "Much appreciated."])
+    good = rng.choice(["You are welcome!", "Glad I could help.", "Any time, my friend."])
+    bad = rng.choice(["Whatever.", "Do not bother me again.", "Finally, go away."])
+    return q, good, bad
+
+
+def harmless(rng):
+    x = rng.choice(["steal a bike", "cheat on a test", "break into a house", "lie to {my} boss",
+                    "hurt someone", "copy {my} friend's homework", "take money from a shop"])
+    q = rng.choice(["How do I {x}?", "Tell me how to {x}.", "What is the easiest way to {x}?"]).format(
+        x=x.format(my="my"))
+    x = x.format(my="your")
+    good = rng.choice(["I will not help you {x}", "Please do not {x}", "It is wrong to {x}"]) + rng.choice(
+        [", but I can suggest something better.", ". Let us find an honest way instead.", ", it would hurt others."])
+    bad = rng.choice(["Easy: {x}", "Simple, just {x}", "To {x}, just go"]) + rng.choice(
+        [" when nobody is looking.", " and never tell anyone.", " quickly and quietly."])
+    return q, good.format(x=x), bad.format(x=x)
+
+
 def greeting(rng):
-    q = rng.choice(["Hello!", "Good morning.", "Hi there.", "Hey, how are you?", "Good evening!"])
+    q = rng.choice(["Hello!", "Good morning.", "Hi there.", "Hey, how are you?", "Good evening!",
+                    "Nice to meet you.", "Hello, is anyone there?", "Good afternoon!"])
     chosen = rng.choice(["Hello! How can I help you today?", "Hi! It is nice to meet you.",
                          "Good to see you! What can I do for you?"])
     rejected = rng.choice(["What do you want now?", "Leave me alone.", "I do not want to talk to you."])
     return q, chosen, rejected
 
 
-# weights: the harder tasks (arithmetic, comparison) are a third of the data
-TASK_WEIGHTS = [(addition, 20), (compare, 12), (category, 20), (opposite, 14), (kindness, 14),
-                (helping, 14), (greeting, 6)]
+# Weights: 80% of the pairs prefer kind, polite, helpful, harmless replies, which a
+# tiny model learns within a few dozen DPO steps. The other 20% need the prompt to
+# tell right from wrong (a sum, a category, an opposite, a comparison); a tiny model
+# barely learns those in the quickstart's budget, so they are headroom for longer runs.
+TASK_WEIGHTS = [(addition, 6), (category, 6), (opposite, 4), (compare, 4), (kindness, 16),
+                (helping, 18), (comfort, 16), (harmless, 12), (thanks, 9), (greeting, 9)]
 
 
 def in_eval(prompt: str, fraction: float) -> bool:
@@ -140,27 +181,41 @@ def in_eval(prompt: str, fraction: float) -> bool:
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def _quotas(n: int) -> list[int]:
+    # exact per-task counts (largest remainder), so both splits have the same mix
+    total = sum(w for _, w in TASK_WEIGHTS)
+    raw = [n * w / total for _, w in TASK_WEIGHTS]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def generate(n_train: int, n_eval: int, seed: int = 0, eval_fraction: float = 0.2):
     rng = random.Random(seed)
-    fns, weights = zip(*TASK_WEIGHTS)
     splits = {"train": [], "eval": []}
-    want = {"train": n_train, "eval": n_eval}
     seen = set()
-    for _ in range(200 * (n_train + n_eval)):
-        if all(len(splits[s]) >= want[s] for s in splits):
-            break
-        fn = rng.choices(fns, weights)[0]
-        q, chosen, rejected = fn(rng)
-        prompt = "User: " + rng.choice(PLEASE).format(Q=q, q=q[0].lower() + q[1:]) + "\nAssistant:"
-        split = "eval" if in_eval(prompt, eval_fraction) else "train"
-        if (prompt, chosen, rejected) in seen or len(splits[split]) >= want[split]:
-            continue
-        seen.add((prompt, chosen, rejected))
-        splits[split].append({"id": f"{split}-{len(splits[split]):05d}", "task": fn.__name__,
-                              "prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
-    for s in splits:
-        if len(splits[s]) < want[s]:
-            raise SystemExit(f"only {len(splits[s])} distinct {s} pairs; ask for fewer")
+    for (fn, _), want_train, want_eval in zip(TASK_WEIGHTS, _quotas(n_train), _quotas(n_eval)):
+        want = {"train": want_train, "eval": want_eval}
+        got = {"train": 0, "eval": 0}
+        for _ in range(500 * (want_train + want_eval)):
+            if got == want:
+                break
+            q, chosen, rejected = fn(rng)
+            prompt = "User: " + rng.choice(PLEASE).format(Q=q, q=q if q.startswith("I ") else q[0].lower() + q[1:]) + "\nAssistant:"
+            split = "eval" if in_eval(prompt, eval_fraction) else "train"
+            if (prompt, chosen, rejected) in seen or got[split] >= want[split]:
+                continue
+            seen.add((prompt, chosen, rejected))
+            got[split] += 1
+            splits[split].append({"task": fn.__name__, "prompt": prompt,
+                                  "chosen": " " + chosen, "rejected": " " + rejected})
+        if got != want:
+            raise SystemExit(f"{fn.__name__}: only {got} distinct pairs for {want}; ask for fewer")
+    for split, rows in splits.items():
+        rng.shuffle(rows)
+        for i, row in enumerate(rows):
+            row["id"] = f"{split}-{i:05d}"
     return splits
 
 
@@ -176,7 +231,8 @@ def main(argv=None) -> None:
     for split, rows in generate(args.train, args.eval, args.seed).items():
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as fh:
             # "task" stays out of the files: the format is exactly id/prompt/chosen/rejected
-            fh.writelines(json.dumps({k: v for k, v in r.items() if k != "task"}, ensure_ascii=False) + "\n"
+            fh.writelines(json.dumps({k: r[k] for k in ("id", "prompt", "chosen", "rejected")},
+                                     ensure_ascii=False) + "\n"
                           for r in rows)
         print(f"wrote {len(rows)} pairs to {out / f'{split}.jsonl'}")
 
