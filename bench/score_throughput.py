@@ -1,7 +1,7 @@
 """Reference-scoring throughput: length-sorted token-budget batches vs TRL-style fixed batches.
 
     python bench/score_throughput.py [--pairs 256] [--rounds 2] [--max-length 512] [--batch-size 8]
-                                     [--batch-tokens 16384] [--attn sdpa|eager]
+                                     [--batch-tokens 16384] [--threads 1] [--attn sdpa|eager]
 
 Both sides run the same model object in the same process on the same token ids
 and count the same tokens through `dpo.logprobs.token_logps`; only the
@@ -104,10 +104,13 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=16384, help="ours: reference.batch_tokens")
     ap.add_argument("--pairs-per-call", type=int, default=256, help="ours: reference.pairs_per_call")
     ap.add_argument("--rounds", type=int, default=2, help="alternating timed passes over the pairs")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 is what a scoring actor with reference.cpus_per_actor=1 gets from Ray")
     ap.add_argument("--attn", default=None, help="model.attn_implementation (default: transformers' choice)")
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "raydpo-bench-small"))
     ap.add_argument("--data", default=str(HH))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     texts = []
     with gzip.open(args.data, "rt", encoding="utf-8") as fh:

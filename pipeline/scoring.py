@@ -68,9 +68,9 @@ class HFScorer:
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if attn_implementation is None and self.device == "cpu":
-            # On CPU eager attention scores a sequence bit-identically in any batch (SDPA
-            # takes another kernel for an unmasked batch: ~1e-8 relative drift) and
-            # measured faster here on sorted, lightly padded batches (docs/benchmarks.md).
+            # On CPU eager attention scores a sequence bit-identically in any batch; SDPA
+            # takes another kernel for a batch without padding (~1e-8 relative drift).
+            # Sorted batches are barely padded, so eager's masked scores cost little.
             attn_implementation = "eager"
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
