@@ -84,7 +84,7 @@ def main(argv=None) -> None:
                         ("tolerance per token", f"{tolerance:.3g}"),
                     ]), flush=True)
         for d in worst[:5]:
-            print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}))
+            print(json.dumps({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in d.items()}))
         bad = [d for d in diffs if not d["per_token"] <= tolerance]  # NaN fails too
         if bad:
             print(f"FAILED: {len(bad)} of {n} pairs differ by more than {tolerance:g} nats per token, worst "

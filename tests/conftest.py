@@ -47,6 +47,18 @@ def hh_pairs(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: on a busy 2-core machine, OpenMP barriers make
+    every small forward wait for a descheduled thread (seconds instead of milliseconds)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def independent_logp():
     """log π(response | prompt) the plain way: one pair per forward, no padding, fp32, a hand loop over tokens.

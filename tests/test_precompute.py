@@ -18,7 +18,7 @@ from pipeline import manifest as mf
 from pipeline.precompute import precompute
 from pipeline.prepare import dataset_folder
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = pytest.mark.usefixtures("ray_session", "one_torch_thread")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 EVAL = str(EXAMPLES / "eval.jsonl")  # 200 pairs

@@ -18,6 +18,8 @@ from dpo.config import UserError, load_config
 from pipeline.scoring import HFScorer, ReferenceScorer, check_reference_model, pack_by_tokens, sum_prompt_logprobs
 from pipeline.tokenize import TOKENIZED_SCHEMA, load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def example_pairs(model_dir: str, n: int) -> list[tuple[list[int], list[int], list[int]]]:
     tok = load_tokenizer(model_dir)
