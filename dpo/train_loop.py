@@ -37,6 +37,7 @@ log = logging.getLogger("raydpo.train")
 STATS = ["pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
          "logps/chosen", "logps/rejected", "tokens", "nonfinite"]
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+ERROR_FILE = "error.txt"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -71,6 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     start = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"))
     metrics_log = ckpt.MetricsLog(storage.join(train_dir, "metrics.jsonl")) if rank == 0 else None
+    board = _tensorboard(storage.join(train_dir, "tensorboard")) if rank == 0 and t.tensorboard else None
     if metrics_log:
         metrics_log.truncate_after(start)
         log.info("training %d pairs, %d steps of %d pairs (%d per worker x %d workers x %d accumulation), "
@@ -105,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr = scheduler.get_last_lr()[0]
         if stats[STATS.index("nonfinite")] > 0 or not math.isfinite(grad_norm):
             if t.on_nonfinite_loss == "error":
-                _stop_nonfinite(step, bad_ids, world)
+                _stop_nonfinite(step, bad_ids, rank, world, train_dir)
                 return
             skipped += 1  # the batch is consumed, the weights stay as they were
         else:
@@ -124,6 +126,11 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics_log:
                 metrics_log.append(last)
                 log.info(_progress(last, total))
+            if board:
+                for key, value in last.items():
+                    if isinstance(value, float) and key != "epoch":
+                        board.add_scalar(key, value, step)
+                board.flush()
         if step % t.checkpoint_every == 0 or step == total:
             _save(model, optimizer, scheduler, step, epoch, rank, t, train_dir, last)
 
@@ -150,6 +157,12 @@ def lr_schedule(t: TrainConfig, total: int):
         return 1.0 - progress if t.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def _tensorboard(folder: str):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(folder)
 
 
 def _tables(name: str):
@@ -260,7 +273,7 @@ def evaluate(model, pairs: Pairs, t: TrainConfig, rank: int, world: int, pad_id:
     return _metrics(_all_reduce(stats), 0, 0, 0.0, 0.0, 1.0, prefix="eval/")
 
 
-def _stop_nonfinite(step: int, bad_ids: list[str], world: int) -> None:
+def _stop_nonfinite(step: int, bad_ids: list[str], rank: int, world: int, train_dir: str) -> None:
     gathered = [None] * world
     if world > 1:
         dist.all_gather_object(gathered, bad_ids)
@@ -270,8 +283,10 @@ def _stop_nonfinite(step: int, bad_ids: list[str], world: int) -> None:
     where = f"pairs {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" if ids else "the gradient"
     message = (f"non-finite loss at step {step} ({where}); lower train.learning_rate or train.beta, check those "
                "pairs, or set train.on_nonfinite_loss=skip to skip such batches")
-    # Ending every rank cleanly (not raising) keeps Ray Train from retrying a deterministic failure.
-    ray.train.report({"error": message})
+    # Every rank ends cleanly (raising would make Ray Train retry a deterministic failure);
+    # the driver finds the message here.
+    if rank == 0:
+        storage.write_text(storage.join(train_dir, ERROR_FILE), message)
 
 
 def _maybe_fail(cfg: Config, step: int, rank: int, world: int, train_dir: str) -> None:

@@ -64,8 +64,9 @@ def validate(cfg: Config, train: TrainData) -> None:
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
                         "(train.batch_size x train.num_workers x train.grad_accum); lower one of them")
-    if t.use_gpu is False and t.strategy == "fsdp":
-        log.warning("train.strategy=fsdp on CPU runs over gloo: supported, but slow; ddp is the usual choice")
+    if t.strategy == "fsdp" and not t.use_gpu:
+        raise UserError("train.strategy=fsdp needs GPUs (Ray Train shards with FSDP over NCCL only); "
+                        "set train.use_gpu=true, or train.strategy=ddp to train on CPU")
 
 
 # Keys that may change between a run and its resumption: they do not alter what a step computes.
@@ -117,7 +118,7 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dpo.train_loop import train_loop_per_worker
+    from dpo.train_loop import ERROR_FILE, train_loop_per_worker
 
     validate(cfg, train_data)
     cfg = _with_absolute_paths(cfg)
@@ -147,11 +148,13 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
+    error_path = storage.join(train_dir, ERROR_FILE)
+    storage.delete_file(error_path)
     started = time.time()
     result = trainer.fit()
+    if storage.exists(error_path):
+        raise UserError(storage.read_text(error_path))
     final = dict(result.metrics or {})
-    if final.get("error"):
-        raise UserError(final["error"])
     metrics_path = storage.join(train_dir, "metrics.jsonl")
     history = read_metrics(metrics_path)
     return {

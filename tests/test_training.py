@@ -9,6 +9,7 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -175,13 +176,12 @@ def test_fingerprint_mismatch_is_a_clean_error(base, tmp_path):
 
 def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, tmp_path, ray_session):
     """Scoring and training agree: policy == reference gives margins 0 and loss ln 2 on real pairs."""
-    src = tmp_path / "hh-24.jsonl"
-    head(hh_pairs, src, 24)
-    cfg = load_config(None, [f"model.policy={tiny_model}", f"data.train_files=[{src}]", "data.max_length=128",
-                             "data.max_prompt_length=96", f"run.output_dir={tmp_path / 'hh'}",
+    cfg = load_config(None, [f"model.policy={tiny_model}", f"data.train_files=[{hh_pairs}]", "data.max_length=256",
+                             "data.max_prompt_length=192", f"run.output_dir={tmp_path / 'hh'}",
                              "train.num_workers=1", "train.batch_size=8", "train.max_steps=1",
                              "train.save_policy=false", "train.loss_type=sigmoid", "train.cpus_per_worker=1"])
     manifest = precompute(cfg, "train")
+    assert manifest["counts"]["kept"] >= 24
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -200,10 +200,21 @@ def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, 
 
 
 def test_nonfinite_loss_stops_with_step_and_pairs(base, tmp_path):
-    """A learning rate that blows the weights up: the run ends with a clean error naming the step."""
-    with pytest.raises(UserError, match=r"non-finite loss at step \d+ .*on_nonfinite_loss=skip"):
-        run(base, tmp_path / "diverged", "train.num_workers=1", "train.batch_size=8", "train.learning_rate=1e30",
-            "train.max_steps=4", "train.save_policy=false")
+    """A NaN reference score in one pair: the run ends with a clean error naming the step and that pair."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "nonfinite"
+    shutil.copytree(base[1] / "reference", out / "reference")
+    shutil.copytree(base[1] / "reference_eval", out / "reference_eval")
+    part = sorted((out / "reference").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    scores = table.column("ref_chosen_logp").to_pylist()
+    scores[0] = float("nan")
+    pq.write_table(table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp",
+                                    pa.array(scores, pa.float64())), part)
+    bad = table.column("pair_id")[0].as_py()
+    with pytest.raises(UserError, match=rf"non-finite loss at step [1-6] \(pairs {bad}\).*on_nonfinite_loss=skip"):
+        run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=6", "train.save_policy=false")
 
 
 def test_resuming_under_another_config_is_refused(base, two_workers):
@@ -213,3 +224,10 @@ def test_resuming_under_another_config_is_refused(base, two_workers):
                                                      "train.batch_size=4", "train.learning_rate=1e-4"])
     with pytest.raises(UserError, match="train.learning_rate"):
         train(changed, *find_datasets(changed))
+
+
+def test_fsdp_on_cpu_is_refused_with_the_fix(base, tmp_path):
+    overrides, scored = base
+    cfg = load_config(None, overrides + [f"run.output_dir={scored}", "train.strategy=fsdp"])
+    with pytest.raises(UserError, match="train.strategy=ddp"):
+        train(cfg, *find_datasets(cfg))
