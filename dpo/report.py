@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from dpo.checkpoint import read_metrics
 
 PANELS = [
     ("loss", "loss", "DPO loss"),
@@ -12,18 +13,13 @@ PANELS = [
 ]
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def plot_report(metrics_path: str, out_path: str, title: str = "") -> str:
+def figure(rows: list[dict], title: str = ""):
+    """The report's figure: one panel per metric, train line and held-out points, axes labelled."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
     for ax, (key, ylabel, panel_title) in zip(axes, PANELS):
         for prefix, style in (("", "-"), ("eval/", "o--")):
@@ -41,6 +37,13 @@ def plot_report(metrics_path: str, out_path: str, title: str = "") -> str:
             ax.legend()
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_report(metrics_path: str, out_path: str, title: str = "") -> str:
+    import matplotlib.pyplot as plt
+
+    fig = figure(read_metrics(metrics_path), title)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

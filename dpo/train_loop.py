@@ -58,7 +58,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32,
+    # safetensors only: a pickled .bin checkpoint can run code when it is loaded.
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=cfg.model.trust_remote_code,
                                                  attn_implementation=cfg.model.attn_implementation)
     pad_id = _pad_id(model)

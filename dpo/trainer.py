@@ -107,9 +107,26 @@ def _dataset(data: TrainData):
     reading them once here spares each worker a Parquet scan that competes with training for CPUs."""
     import ray.data
 
-    table = storage.read_parquet_files(data.folder, data.manifest["files"], 
+    table = storage.read_parquet_files(data.folder, data.manifest["files"],
                                          columns=TOKEN_COLUMNS + (SCORE_COLUMNS if data.scored else []))
+    if data.scored:
+        refuse_nonfinite_scores(data.folder, table)
     return ray.data.from_arrow(table)
+
+
+def refuse_nonfinite_scores(folder: str, table) -> None:
+    """A NaN reference score would turn every loss it touches into NaN; refuse the dataset instead."""
+    import numpy as np
+
+    finite = np.ones(table.num_rows, dtype=bool)
+    for column in SCORE_COLUMNS:
+        values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+        finite &= np.isfinite(values)
+    if not finite.all():
+        ids = [table.column("pair_id")[i].as_py() for i in np.flatnonzero(~finite)[:3]]
+        raise UserError(f"{folder} holds non-finite reference scores for {int((~finite).sum())} pair(s), e.g. "
+                        f"{ids}; it was not written by this version's precompute, which refuses them. "
+                        "Delete it and rerun jobs.precompute_reference")
 
 
 def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = None) -> dict:
@@ -157,6 +174,7 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
     final = dict(result.metrics or {})
     metrics_path = storage.join(train_dir, "metrics.jsonl")
     history = read_metrics(metrics_path)
+    report = _draw_report(cfg, train_dir) if history else None
     return {
         "metrics": history[-1] if history else final,
         "steps": history[-1]["step"] if history else 0,
@@ -164,6 +182,21 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
         "eval_pairs": eval_data.pairs if eval_data is not None else 0,
         "seconds": round(time.time() - started, 1),
         "metrics_path": metrics_path,
+        "report": report,
         "policy": storage.join(train_dir, "policy") if t.save_policy else None,
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
     }
+
+
+def _draw_report(cfg: Config, train_dir: str) -> str:
+    """train/report.png from metrics.jsonl, drawn on the driver (also when train_dir is a URI)."""
+    import tempfile
+
+    from dpo.report import plot_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_report(storage.join(train_dir, "metrics.jsonl"), os.path.join(tmp, "report.png"),
+                          title=f"{cfg.run.name}: DPO training")
+        with open(png, "rb") as fh:
+            storage.write_bytes(storage.join(train_dir, "report.png"), fh.read())
+    return storage.join(train_dir, "report.png")

@@ -47,7 +47,8 @@ def print_train_summary(result: dict) -> None:
     if "eval/loss" in m:
         rows += [("eval/loss", num("eval/loss")), ("eval/rewards/accuracies", num("eval/rewards/accuracies")),
                  ("eval/rewards/margins", num("eval/rewards/margins"))]
-    rows += [("metrics", result["metrics_path"]), ("policy", result["policy"] or "not saved")]
+    rows += [("metrics", result["metrics_path"]), ("report", result.get("report") or "-"),
+             ("policy", result["policy"] or "not saved")]
     print(table("train", rows), flush=True)
 
 
