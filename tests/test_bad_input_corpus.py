@@ -9,7 +9,6 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from dpo.config import UserError, load_config
 from dpo.fingerprint import read_manifest
@@ -26,14 +25,7 @@ def good(i):
     return {**GOOD, "id": f"good-{i}"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 # (file name, line, row, the start of the reason it must be rejected with); None = kept.

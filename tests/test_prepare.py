@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from dpo.config import UserError, load_config
 from dpo.fingerprint import read_manifest
@@ -24,14 +23,7 @@ EXPLICIT = {"prompt": "what is 2 + 2 ?", "chosen": "4", "rejected": "5"}
 EXPLICIT_IDS = ([9, 10, 11, 12, 11, 15], [13, 1], [14, 1])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
