@@ -30,30 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from hh import HH, load_pairs
 
 from dpo.config import DataConfig
 from dpo.logprobs import token_logps
-from pipeline.formats import RowError, normalise
 from pipeline.models import build_local_model
 from pipeline.scoring import HFScorer, pack_by_tokens
-from pipeline.tokenize import load_tokenizer, tokenize_pair
-
-HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
-
-
-def load_pairs(path: Path, n: int, tokenizer, data: DataConfig) -> list[tuple[list[int], list[int], list[int]]]:
-    pairs = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                tp = tokenize_pair(normalise(json.loads(line), "implicit", tokenizer), tokenizer, data)
-            except RowError:
-                continue  # the pipeline would reject it too
-            pairs.append((tp.prompt_ids, tp.chosen_ids, tp.rejected_ids))
-            if len(pairs) == n:
-                break
-    return pairs
-
+from pipeline.tokenize import load_tokenizer
 
 def naive(model, pairs, batch_size: int, pad_id: int) -> list[float]:
     """TRL-style: fixed batches in file order, chosen+rejected in one forward, padded to the longest."""
@@ -120,7 +103,7 @@ def main() -> None:
     model_dir = build_local_model(args.model_dir, texts, preset="small", seed=0)
     tokenizer = load_tokenizer(model_dir)
     data = DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-    pairs = load_pairs(Path(args.data), args.pairs, tokenizer, data)
+    pairs = load_pairs(args.pairs, tokenizer, data, Path(args.data))
 
     scorer = HFScorer(model_dir, batch_tokens=args.batch_tokens, device="cpu", attn_implementation=args.attn)
     params = sum(p.numel() for p in scorer.model.parameters())

@@ -32,11 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+from hh import HH, load_pairs
+
+from dpo.config import DataConfig
 
 
 def status_mib(field: str) -> float:
@@ -54,25 +55,6 @@ def reset_peak() -> None:
         fh.write("5")
 
 
-def load_pairs(n: int, tokenizer, max_length: int):
-    from dpo.config import DataConfig
-    from pipeline.formats import RowError, normalise
-    from pipeline.tokenize import tokenize_pair
-
-    data = DataConfig(max_length=max_length, max_prompt_length=max_length // 2)
-    out = []
-    with gzip.open(HH, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                tp = tokenize_pair(normalise(json.loads(line), "implicit", tokenizer), tokenizer, data)
-            except RowError:
-                continue
-            out.append((tp.prompt_ids, tp.chosen_ids, tp.rejected_ids))
-            if len(out) == n:
-                break
-    return out
-
-
 def setup(args, model_dir):
     import pyarrow as pa
     import torch
@@ -82,7 +64,8 @@ def setup(args, model_dir):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    raw = load_pairs(args.pairs, load_tokenizer(model_dir), args.max_length)
+    raw = load_pairs(args.pairs, load_tokenizer(model_dir),
+                     DataConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2))
     rng = np.random.default_rng(0)
     pairs = Pairs.from_tables([pa.table({
         "pair_id": [f"{i:06d}" for i in range(len(raw))],
