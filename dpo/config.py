@@ -121,8 +121,8 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(1, ge=1)
     eval_every: Optional[int] = Field(None, ge=1)
-    # Padding-free packing of a micro-batch into one row; auto turns it on where
-    # the attention implementation honours packed position_ids.
+    # Padding-free packing of a micro-batch into one row; auto turns it on only where
+    # it pays: under flash attention, which takes packed position_ids without a dense T x T mask.
     packing: Literal["auto", "on", "off"] = "auto"
     # Pairs per length-sorted pool from which batches are cut (in global batches).
     length_group_batches: int = Field(8, ge=1)
