@@ -18,8 +18,9 @@ from dpo.storage import read_text, join, exists
 
 MANIFEST = "_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# The chat template is fingerprinted on its own field, so chat_template.jinja is not listed here.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.json")
 _CACHE = os.path.expanduser(os.environ.get("RAYDPO_HASH_CACHE", "~/.cache/raydpo/hashes.json"))
 
 
@@ -79,7 +80,7 @@ def tokenizer_hashes(tokenizer_dir: str) -> tuple[str, str]:
     """(tokenizer files hash, chat template hash)."""
     if not os.path.isdir(tokenizer_dir):
         raise UserError(f"model.tokenizer: {tokenizer_dir} is not a folder holding a tokenizer")
-    names = [n for n in os.listdir(tokenizer_dir) if n in TOKENIZER_FILES and n not in ("chat_template.jinja",)]
+    names = [n for n in os.listdir(tokenizer_dir) if n in TOKENIZER_FILES]
     if not names:
         raise UserError(f"model.tokenizer: {tokenizer_dir} holds no tokenizer files (tokenizer.json, ...)")
     template = ""
