@@ -23,6 +23,7 @@ import yaml
 from dpo import storage
 from dpo.checkpoint import read_metrics
 from dpo.config import Config, UserError
+from dpo.context import check_max_length
 from dpo.losses import LossType
 
 log = logging.getLogger("raydpo.train")
@@ -60,6 +61,7 @@ def validate(cfg: Config, train: TrainData) -> None:
     if not os.path.isdir(cfg.model.policy):
         raise UserError(f"model.policy: {cfg.model.policy} is not a model folder; give the path of a "
                         "Hugging Face model directory")
+    _check_policy_context(cfg)
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
@@ -67,6 +69,17 @@ def validate(cfg: Config, train: TrainData) -> None:
     if t.strategy == "fsdp" and not t.use_gpu:
         raise UserError("train.strategy=fsdp needs GPUs (Ray Train shards with FSDP over NCCL only); "
                         "set train.use_gpu=true, or train.strategy=ddp to train on CPU")
+
+
+def _check_policy_context(cfg: Config) -> None:
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"model.policy: cannot read the model config in {cfg.model.policy}: "
+                        f"{str(exc).splitlines()[0]}; it must hold a Hugging Face config.json") from None
+    check_max_length(hf_config, max_length=cfg.data.max_length, key="model.policy", path=cfg.model.policy)
 
 
 # Keys that may change between a run and its resumption: they do not alter what a step computes.

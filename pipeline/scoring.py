@@ -18,12 +18,15 @@ import pyarrow as pa
 
 from dpo import storage
 from dpo.config import Config, UserError
+from dpo.context import check_max_length
 
 log = logging.getLogger(__name__)
 
 FAIL_MARKER = "_debug_scoring_failed"
 # Largest share of a scoring batch that may be padding (see pack_by_tokens).
 MAX_PADDING = 0.1
+# vLLM's own default of sequences per step for offline use on an H100-class GPU.
+VLLM_MAX_SEQS = 1024
 
 # (prompt token ids, response token ids)
 PromptResponse = tuple[Sequence[int], Sequence[int]]
@@ -145,22 +148,36 @@ def sum_prompt_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int) -
     return total
 
 
+def vllm_engine_args(cfg: Config) -> dict:
+    """Keyword arguments of `vllm.LLM` for scoring sequences of up to data.max_length tokens.
+
+    vLLM refuses a prompt that fills max_model_len, since it must generate one
+    token after it (vLLM 0.26, InputProcessor._validate_prompt_len): a pair
+    truncated to exactly data.max_length would fail the job. Hence one position
+    more. reference.batch_tokens bounds the tokens of one forward pass, as it
+    does for the hf backend; vLLM needs at least as many as sequences per step.
+    """
+    ref = cfg.reference
+    return dict(
+        model=cfg.model.reference_path, skip_tokenizer_init=True, enable_prefix_caching=False,
+        dtype=cfg.model.dtype, tensor_parallel_size=ref.tensor_parallel_size,
+        gpu_memory_utilization=ref.gpu_memory_utilization, max_model_len=cfg.data.max_length + 1,
+        max_num_batched_tokens=ref.batch_tokens, max_num_seqs=min(VLLM_MAX_SEQS, ref.batch_tokens),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
 class VLLMScorer:
     """Reference log-probs with vLLM's prompt_logprobs; scalars leave the actor, never logprob lists."""
 
-    def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, gpu_memory_utilization: float,
-                 max_model_len: int, trust_remote_code: bool = False):
+    def __init__(self, engine_args: dict):
         try:
             import vllm
         except ImportError as exc:
             raise UserError(f"reference.backend=vllm but vLLM cannot be imported on this node ({exc}); "
                             "install it (pip install 'raydpo[vllm]') or set reference.backend=hf") from None
         self.vllm = vllm
-        self.llm = vllm.LLM(
-            model_path, skip_tokenizer_init=True, enable_prefix_caching=False, dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len, trust_remote_code=trust_remote_code,
-        )
+        self.llm = vllm.LLM(**engine_args)
         self.params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
                                           flat_logprobs=True)
 
@@ -199,10 +216,7 @@ class ReferenceScorer:
     def __init__(self, cfg: Config, fail_marker: Optional[str] = None):
         ref = cfg.reference
         if ref.backend == "vllm":
-            self.scorer = VLLMScorer(
-                cfg.model.reference_path, dtype=cfg.model.dtype, tensor_parallel_size=ref.tensor_parallel_size,
-                gpu_memory_utilization=ref.gpu_memory_utilization, max_model_len=cfg.data.max_length,
-                trust_remote_code=cfg.model.trust_remote_code)
+            self.scorer = VLLMScorer(vllm_engine_args(cfg))
         else:
             self.scorer = HFScorer(
                 cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,
@@ -247,7 +261,7 @@ def check_reference_model(cfg: Config) -> None:
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{key}: cannot read the model config in {path}: {str(exc).splitlines()[0]}; "
                         "it must hold a Hugging Face config.json") from None
@@ -265,8 +279,12 @@ def check_reference_model(cfg: Config) -> None:
             raise UserError(f"{key}: {os.path.join(path, name)} is not a readable safetensors file ({exc}); "
                             "re-save or re-download the model") from None
     ref = cfg.reference
+    vllm = ref.backend == "vllm"
+    check_max_length(hf_config, max_length=cfg.data.max_length, key=key, path=path, extra=1 if vllm else 0,
+                     why=" (vLLM keeps a position for the one token it generates after the scored sequence)"
+                     if vllm else "")
     check_pool_fits(cfg)
-    if ref.backend == "vllm" and ref.tensor_parallel_size == 1 and ref.gpus_per_actor <= 0:
+    if vllm and ref.tensor_parallel_size == 1 and ref.gpus_per_actor <= 0:
         raise UserError("reference.backend=vllm runs on GPUs: set reference.gpus_per_actor=1 "
                         "(or reference.backend=hf to score on CPU)")
 

@@ -37,3 +37,21 @@ def test_nonfinite_reference_scores_are_refused_at_train_time():
 
 def test_remote_code_is_off_unless_config_turns_it_on():
     assert Config().model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("max_length, refused", [(256, False), (300, True)])
+def test_training_refuses_max_length_beyond_the_policys_positions(tiny_model, max_length, refused):
+    """The tiny policy has 256 positions; training longer sequences would use positions it never learned."""
+    from dpo.config import load_config
+    from dpo.trainer import TrainData, validate
+
+    cfg = load_config(None, [f"model.policy={tiny_model}", f"data.max_length={max_length}", "data.max_prompt_length=64",
+                             "train.num_workers=1",
+                             "train.batch_size=1"])
+    data = TrainData(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
+    if refused:
+        with pytest.raises(UserError, match="model.policy: .* takes at most 256 positions .* needs data.max_length "
+                                            "= 300 positions.*Lower data.max_length to 256"):
+            validate(cfg, data)
+    else:
+        validate(cfg, data)

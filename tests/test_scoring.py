@@ -128,7 +128,51 @@ def test_a_model_that_cannot_load_is_refused_before_any_actor(tmp_path, tiny_mod
 
 def test_vllm_without_gpus_is_refused(tiny_model):
     with pytest.raises(UserError, match="reference.gpus_per_actor=1"):
-        check_reference_model(_config(tiny_model, **{"reference.backend": "vllm"}))
+        check_reference_model(_config(tiny_model, **{"reference.backend": "vllm", "data.max_length": 128,
+                                                "data.max_prompt_length": 64}))
+
+
+@pytest.mark.parametrize("backend, max_length, refused", [
+    ("hf", 256, False), ("hf", 257, True), ("vllm", 255, False), ("vllm", 256, True),
+])
+def test_max_length_beyond_the_models_positions_is_refused(tiny_model, backend, max_length, refused):
+    """The tiny model has 256 positions. A RoPE model would extrapolate past them without an error.
+
+    hf scores sequences of up to data.max_length tokens: 256 fits, 257 does not.
+    vLLM also needs a position for the token it generates: 255 + 1 fits, 256 + 1 does not.
+    """
+    cfg = _config(tiny_model, **{"reference.backend": backend, "reference.gpus_per_actor": 1,
+                                 "data.max_length": max_length, "data.max_prompt_length": 64})
+    if refused:
+        with pytest.raises(UserError, match=f"model.policy: .* takes at most 256 positions .*"
+                                            f"Lower data.max_length to {256 - (backend == 'vllm')}"):
+            check_reference_model(cfg)
+    else:
+        check_reference_model(cfg)
+
+
+def test_max_positions_leaves_scaled_rope_unchecked():
+    from transformers import LlamaConfig
+
+    from dpo.context import max_positions
+
+    assert max_positions(LlamaConfig(max_position_embeddings=4096)) == 4096
+    yarn = LlamaConfig(max_position_embeddings=4096,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096})
+    assert max_positions(yarn) is None
+
+
+def test_vllm_engine_leaves_room_for_a_sequence_of_exactly_max_length(tiny_model):
+    """vLLM 0.26 refuses a prompt of max_model_len tokens ("plus the number of requested output
+    tokens (at least 1) is longer than the maximum model length"): truncation produces such
+    sequences, so the engine gets one position more than data.max_length."""
+    from pipeline.scoring import vllm_engine_args
+
+    cfg = _config(tiny_model, **{"data.max_length": 128, "data.max_prompt_length": 64, "reference.batch_tokens": 512})
+    args = vllm_engine_args(cfg)
+    assert args["max_model_len"] == 129
+    assert args["max_num_batched_tokens"] == 512 and args["max_num_seqs"] <= 512
+    assert args["enable_prefix_caching"] is False and args["skip_tokenizer_init"] is True
 
 
 # --------------------------------------------------------------------------- vLLM aggregation
@@ -215,13 +259,16 @@ def _cuda() -> bool:
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
 def test_vllm_scores_match_hf_in_fp32(tiny_model):
-    from pipeline.scoring import VLLMScorer
+    from pipeline.scoring import VLLMScorer, vllm_engine_args
 
     pairs = example_pairs(tiny_model, 32)
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    longest = max(len(p) + len(r) for p, r in seqs)
+    # The longest sequence is exactly data.max_length, as truncation makes them.
+    cfg = _config(tiny_model, **{"data.max_length": longest, "data.max_prompt_length": 1,
+                                 "reference.gpu_memory_utilization": 0.3, "reference.gpus_per_actor": 1})
     expected = HFScorer(tiny_model, batch_tokens=4096, device="cuda").score(seqs)
-    got = VLLMScorer(tiny_model, dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.3,
-                     max_model_len=256).score(seqs)
+    got = VLLMScorer(vllm_engine_args(cfg)).score(seqs)
     per_token = [abs(a - b) / len(r) for a, b, (_, r) in zip(got, expected, seqs)]
     assert max(per_token) < 1e-3
 
