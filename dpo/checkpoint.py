@@ -6,8 +6,9 @@ A checkpoint is one folder:
     optimizer.pt   full optimizer state dict, keyed by parameter name
     scheduler.pt   LR scheduler state
     rng.pt         torch / numpy / random states of every rank, by rank
-    state.json     {"step": N, "epoch": E}: the last finished step; the data
-                   position follows from it (see dpo.batching)
+    state.json     {"step": N, "epoch": E, "skipped_batches": S}: the last
+                   finished step (the data position follows from it, see
+                   dpo.batching) and the batches skipped as non-finite so far
 
 It goes to Ray Train through `ray.train.report`, and rank 0 also publishes it
 as `{output_dir}/train/checkpoints/step-{N:08d}/` with a `COMPLETE` file
@@ -62,13 +63,13 @@ def seed_everything(seed: int) -> None:
 
 
 def write(folder: str, *, model_state: dict, optimizer_state: dict, scheduler_state: dict,
-          rng_states: list, step: int, epoch: int) -> None:
+          rng_states: list, step: int, epoch: int, skipped_batches: int) -> None:
     torch.save(model_state, os.path.join(folder, "model.pt"))
     torch.save(optimizer_state, os.path.join(folder, "optimizer.pt"))
     torch.save(scheduler_state, os.path.join(folder, "scheduler.pt"))
     torch.save(rng_states, os.path.join(folder, "rng.pt"))
     with open(os.path.join(folder, STATE), "w", encoding="utf-8") as fh:
-        json.dump({"step": step, "epoch": epoch}, fh)
+        json.dump({"step": step, "epoch": epoch, "skipped_batches": skipped_batches}, fh)
 
 
 def load(folder: str, name: str):
@@ -76,9 +77,13 @@ def load(folder: str, name: str):
     return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)
 
 
-def read_step(folder: str) -> int:
+def read_state(folder: str) -> dict:
     with open(os.path.join(folder, STATE), encoding="utf-8") as fh:
-        return int(json.load(fh)["step"])
+        return json.load(fh)
+
+
+def read_step(folder: str) -> int:
+    return int(read_state(folder)["step"])
 
 
 def _subdirs(root: str) -> list[str]:

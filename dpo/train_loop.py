@@ -71,7 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total))
 
-    start = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"))
+    start, skipped = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"))
     metrics_log = ckpt.MetricsLog(storage.join(train_dir, "metrics.jsonl")) if rank == 0 else None
     board = _tensorboard(storage.join(train_dir, "tensorboard")) if rank == 0 and t.tensorboard else None
     if metrics_log:
@@ -80,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
                  "packing %s, resuming after step %d", len(train_pairs), total, global_batch, t.batch_size,
                  world, t.grad_accum, "on" if packed else "off", start)
 
-    skipped, plan_epoch, plan = 0, None, None
+    plan_epoch, plan = None, None
     last: dict = {}
     model.train()
     for step in range(start + 1, total + 1):
@@ -133,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
                         board.add_scalar(key, value, step)
                 board.flush()
         if step % t.checkpoint_every == 0 or step == total:
-            _save(model, optimizer, scheduler, step, epoch, rank, t, train_dir, last)
+            _save(model, optimizer, scheduler, step, epoch, skipped, rank, t, train_dir, last)
 
     if eval_pairs is not None and start >= total:  # nothing left to train: still report the held-out numbers
         last = evaluate(model, eval_pairs, t, rank, world, pad_id, packed, device, autocast)
@@ -302,21 +302,25 @@ def _maybe_fail(cfg: Config, step: int, rank: int, world: int, train_dir: str) -
     os._exit(1)
 
 
-def _restore(model, optimizer, scheduler, rank: int, own_root: str) -> int:
-    """Load the newest checkpoint (Ray's or ours) into model, optimizer, scheduler and RNG; its step."""
+def _restore(model, optimizer, scheduler, rank: int, own_root: str) -> tuple[int, int]:
+    """Load the newest checkpoint (Ray's or ours) into model, optimizer, scheduler and RNG.
+
+    Returns its step and the batches skipped as non-finite up to it.
+    """
     with ckpt.newest(ray.train.get_checkpoint(), own_root) as folder:
         if folder is None:
-            return 0
+            return 0, 0
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, ckpt.load(folder, "model.pt"), options=options)
         set_optimizer_state_dict(model, optimizer, ckpt.load(folder, "optimizer.pt"), options=options)
         scheduler.load_state_dict(ckpt.load(folder, "scheduler.pt"))
         ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[rank])
-        return ckpt.read_step(folder)
+        state = ckpt.read_state(folder)
+        return int(state["step"]), int(state["skipped_batches"])
 
 
-def _save(model, optimizer, scheduler, step: int, epoch: int, rank: int, t: TrainConfig, train_dir: str,
-          metrics: dict) -> None:
+def _save(model, optimizer, scheduler, step: int, epoch: int, skipped: int, rank: int, t: TrainConfig,
+          train_dir: str, metrics: dict) -> None:
     # Gathering full state dicts is collective under FSDP: every rank takes part.
     model_state = get_model_state_dict(model, options=FULL_STATE)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
@@ -329,7 +333,8 @@ def _save(model, optimizer, scheduler, step: int, epoch: int, rank: int, t: Trai
         return
     with tempfile.TemporaryDirectory(prefix="dpo-ckpt-") as tmp:
         ckpt.write(tmp, model_state=model_state, optimizer_state=optimizer_state,
-                   scheduler_state=scheduler.state_dict(), rng_states=rngs, step=step, epoch=epoch)
+                   scheduler_state=scheduler.state_dict(), rng_states=rngs, step=step, epoch=epoch,
+                   skipped_batches=skipped)
         ckpt.publish(tmp, storage.join(train_dir, "checkpoints"), step, t.keep_checkpoints)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint-{step:08d}")

@@ -164,7 +164,7 @@ def test_checkpoints_are_complete_and_pruned(two_workers):
     for name in os.listdir(root):
         assert os.path.exists(os.path.join(root, name, "COMPLETE"))
     with open(os.path.join(root, "step-00000008", "state.json")) as fh:
-        assert json.load(fh) == {"step": 8, "epoch": 1}
+        assert json.load(fh) == {"step": 8, "epoch": 1, "skipped_batches": 0}
 
 
 def test_fingerprint_mismatch_is_a_clean_error(base, tmp_path):
@@ -199,23 +199,43 @@ def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, 
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
 
 
-def test_nonfinite_loss_stops_with_step_and_pairs(base, tmp_path):
-    """A reference score of 1e300 in one pair (finite in the float64 cache, so past the NaN guard, but inf
-    once the loss works in float32): the run ends with a clean error naming the step and that pair."""
+def poison_reference_scores(base, out, rows: slice) -> list[str]:
+    """Copy the scored data and set ref_chosen_logp to 1e300 in `rows` of every part: finite in the float64
+    cache, so past the NaN guard, but inf once the loss works in float32. Returns those pairs' ids."""
     import pyarrow.parquet as pq
 
-    out = tmp_path / "nonfinite"
     shutil.copytree(base[1] / "reference", out / "reference")
     shutil.copytree(base[1] / "reference_eval", out / "reference_eval")
-    part = sorted((out / "reference").glob("*.parquet"))[0]
-    table = pq.read_table(part)
-    scores = table.column("ref_chosen_logp").to_pylist()
-    scores[0] = 1e300
-    pq.write_table(table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp",
-                                    pa.array(scores, pa.float64())), part)
-    bad = table.column("pair_id")[0].as_py()
+    bad = []
+    for part in sorted((out / "reference").glob("*.parquet")):
+        table = pq.read_table(part)
+        scores = table.column("ref_chosen_logp").to_pylist()
+        chosen = range(len(scores))[rows]
+        for i in chosen:
+            scores[i] = 1e300
+        bad += [table.column("pair_id")[i].as_py() for i in chosen]
+        pq.write_table(table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp",
+                                        pa.array(scores, pa.float64())), part)
+    return bad
+
+
+def test_nonfinite_loss_stops_with_step_and_pairs(base, tmp_path):
+    """One poisoned pair: the run ends with a clean error naming the step and that pair."""
+    out = tmp_path / "nonfinite"
+    bad = poison_reference_scores(base, out, slice(0, 1))[0]
     with pytest.raises(UserError, match=rf"non-finite loss at step [1-6] \(pairs {bad}\).*on_nonfinite_loss=skip"):
         run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=6", "train.save_policy=false")
+
+
+def test_skipped_batches_survive_a_restart(base, tmp_path):
+    """Every pair poisoned, on_nonfinite_loss=skip: all 6 steps are skipped. A worker dies at step 5 and
+    the run resumes from the step-3 checkpoint, which must carry the 3 skips made before it."""
+    out = tmp_path / "skip"
+    poison_reference_scores(base, out, slice(None))
+    _, _, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=6",
+                        "train.on_nonfinite_loss=skip", "debug.fail_at_step=5", "train.max_failures=1",
+                        "train.save_policy=false")
+    assert [m["skipped_batches"] for m in metrics] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resuming_under_another_config_is_refused(base, two_workers):
