@@ -38,6 +38,7 @@ def _options(parser) -> None:
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed |difference| per response token, nats "
                              f"(default by model.dtype: {TOLERANCE})")
+    parser.add_argument("--json", metavar="FILE", help="also write the summary and every pair's differences here")
 
 
 def compare(rows: list[dict], fresh: list[tuple[float, float]]) -> list[dict]:
@@ -86,6 +87,11 @@ def main(argv=None) -> None:
         for d in worst[:5]:
             print(json.dumps({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in d.items()}))
         bad = [d for d in diffs if not d["per_token"] <= tolerance]  # NaN fails too
+        if args.json:
+            storage.write_text(args.json, json.dumps({
+                "folder": folder, "cached": f"{manifest.get('backend')}/{manifest.get('dtype')}",
+                "fresh": f"hf/{cfg.model.dtype}", "tolerance_per_token": tolerance, "failed": len(bad),
+                "pairs": diffs}, indent=1))
         if bad:
             print(f"FAILED: {len(bad)} of {n} pairs differ by more than {tolerance:g} nats per token, worst "
                   f"{', '.join(d['pair_id'] for d in worst[:3])}; the cached scores do not match the reference "

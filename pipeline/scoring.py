@@ -117,8 +117,8 @@ class HFScorer:
 # --------------------------------------------------------------------------- vllm backend
 
 
-def sum_prompt_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int) -> float:
-    """Sum log p(token_ids[i] | token_ids[:i]) for i >= start, read off vLLM's prompt_logprobs.
+def prompt_token_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int) -> list[float]:
+    """log p(token_ids[i] | token_ids[:i]) for i >= start, read off vLLM's prompt_logprobs.
 
     `prompt_logprobs` is what vLLM returns per request: either a list with None
     at position 0 and a {token_id: Logprob} dict at every later position, or a
@@ -131,7 +131,7 @@ def sum_prompt_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int) -
         raise ValueError(f"vLLM returned {len(prompt_logprobs)} prompt log-probs for {len(token_ids)} tokens")
     if start < 1:
         raise ValueError("position 0 has no log-prob: a response must follow at least one prompt token")
-    total = 0.0
+    out = []
     flat = hasattr(prompt_logprobs, "start_indices")
     for pos in range(start, len(token_ids)):
         token = token_ids[pos]
@@ -144,8 +144,8 @@ def sum_prompt_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int) -
             value = entry[token].logprob if token in entry else None
         if value is None:
             raise ValueError(f"vLLM gave no log-prob for token {token} at position {pos}")
-        total += float(value)
-    return total
+        out.append(float(value))
+    return out
 
 
 def vllm_engine_args(cfg: Config) -> dict:
@@ -182,11 +182,16 @@ class VLLMScorer:
                                           flat_logprobs=True)
 
     def score(self, seqs: Sequence[PromptResponse]) -> list[float]:
+        """Summed log-probs of each response given its prompt, float64, in input order."""
+        return [sum(values) for values in self.token_logprobs(seqs)]
+
+    def token_logprobs(self, seqs: Sequence[PromptResponse]) -> list[list[float]]:
+        """log p(token | every token before it) for each response token, in input order."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in seqs]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        return [sum_prompt_logprobs(o.prompt_logprobs, o.prompt_token_ids, len(p))
+        return [prompt_token_logprobs(o.prompt_logprobs, o.prompt_token_ids, len(p))
                 for o, (p, _) in zip(outputs, seqs)]
 
 

@@ -238,11 +238,17 @@ def test_verify_reference_passes_on_good_scores_and_fails_on_tampered_ones(clean
     values[3] += 0.5  # one pair off by half a nat
     pq.write_table(table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp",
                                     [values]), part)
+    report = tmp_path / "verify.json"
     with pytest.raises(SystemExit) as exit_:
-        verify_reference.main(["--config", _write_config(tmp_path / "bad.yaml", tampered), "--sample", "400"])
+        verify_reference.main(["--config", _write_config(tmp_path / "bad.yaml", tampered), "--sample", "400",
+                               "--json", str(report)])
     assert exit_.value.code == 1
     bad_id = table.column("pair_id")[3].as_py()
     assert bad_id in capsys.readouterr().err
+    written = json.loads(report.read_text())
+    assert written["failed"] == 1 and written["tolerance_per_token"] == 1e-3
+    off = [d for d in written["pairs"] if d["pair_id"] == bad_id]
+    assert len(off) == 1 and off[0]["chosen_diff"] == pytest.approx(0.5, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from dpo.config import UserError, load_config
-from pipeline.scoring import HFScorer, ReferenceScorer, check_reference_model, pack_by_tokens, sum_prompt_logprobs
+from pipeline.scoring import HFScorer, ReferenceScorer, check_reference_model, pack_by_tokens, prompt_token_logprobs
 from pipeline.tokenize import TOKENIZED_SCHEMA, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -229,8 +229,8 @@ def test_vllm_prompt_logprobs_sum_over_response_tokens_only():
     # position 3 also lists two top-k tokens ahead of the prompt token; their values must not count
     as_list, flat = vllm_shaped(ids, values, top={3: {11: -0.01, 12: -0.02}})
     for container in (as_list, flat):
-        assert sum_prompt_logprobs(container, ids, start=3) == pytest.approx(-0.5 - 0.25 - 4.0)
-        assert sum_prompt_logprobs(container, ids, start=1) == pytest.approx(sum(values[1:]))
+        assert prompt_token_logprobs(container, ids, start=3) == pytest.approx([-0.5, -0.25, -4.0])
+        assert sum(prompt_token_logprobs(container, ids, start=1)) == pytest.approx(sum(values[1:]))
 
 
 def test_vllm_prompt_logprobs_refuse_what_does_not_fit():
@@ -238,11 +238,11 @@ def test_vllm_prompt_logprobs_refuse_what_does_not_fit():
     as_list, flat = vllm_shaped(ids, [0.0, -1.0, -2.0], top={})
     for container in (as_list, flat):
         with pytest.raises(ValueError, match="for 4 tokens"):
-            sum_prompt_logprobs(container, ids + [3], start=1)
+            prompt_token_logprobs(container, ids + [3], start=1)
         with pytest.raises(ValueError, match="no log-prob for token 8"):
-            sum_prompt_logprobs(container, [5, 9, 8], start=1)
+            prompt_token_logprobs(container, [5, 9, 8], start=1)
         with pytest.raises(ValueError, match="position 0"):
-            sum_prompt_logprobs(container, ids, start=0)
+            prompt_token_logprobs(container, ids, start=0)
 
 
 def _cuda() -> bool:
