@@ -156,6 +156,9 @@ def vllm_engine_args(cfg: Config) -> dict:
     truncated to exactly data.max_length would fail the job. Hence one position
     more. reference.batch_tokens bounds the tokens of one forward pass, as it
     does for the hf backend; vLLM needs at least as many as sequences per step.
+    With tensor parallelism the ranks must run as Ray actors inside the
+    scoring actor's placement group (see _actor_options): vLLM picks that
+    backend itself only when it sees enough GPUs, so it is named here.
     """
     ref = cfg.reference
     return dict(
@@ -164,6 +167,7 @@ def vllm_engine_args(cfg: Config) -> dict:
         gpu_memory_utilization=ref.gpu_memory_utilization, max_model_len=cfg.data.max_length + 1,
         max_num_batched_tokens=ref.batch_tokens, max_num_seqs=min(VLLM_MAX_SEQS, ref.batch_tokens),
         trust_remote_code=cfg.model.trust_remote_code,
+        distributed_executor_backend="ray" if ref.tensor_parallel_size > 1 else "uni",
     )
 
 

@@ -173,6 +173,11 @@ def test_vllm_engine_leaves_room_for_a_sequence_of_exactly_max_length(tiny_model
     assert args["max_model_len"] == 129
     assert args["max_num_batched_tokens"] == 512 and args["max_num_seqs"] <= 512
     assert args["enable_prefix_caching"] is False and args["skip_tokenizer_init"] is True
+    assert args["distributed_executor_backend"] == "uni"
+    tp = vllm_engine_args(_config(tiny_model, **{"data.max_length": 128, "data.max_prompt_length": 64,
+                                                 "reference.tensor_parallel_size": 2}))
+    # TP ranks as Ray actors in the scoring actor's placement group, never vLLM's own processes
+    assert tp["distributed_executor_backend"] == "ray" and tp["tensor_parallel_size"] == 2
 
 
 # --------------------------------------------------------------------------- vLLM aggregation
