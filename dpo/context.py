@@ -12,6 +12,17 @@ from typing import Optional
 from dpo.config import UserError
 
 
+def read_model_config(path: str, key: str, trust_remote_code: bool = False):
+    """The model's transformers config; a folder without a readable config.json is the user's mistake."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{key}: cannot read the model config in {path}: {str(exc).splitlines()[0]}; "
+                        "it must hold a Hugging Face config.json") from None
+
+
 def max_positions(hf_config) -> Optional[int]:
     """Longest sequence the model takes, or None where its config does not say.
 

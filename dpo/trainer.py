@@ -23,7 +23,7 @@ import yaml
 from dpo import storage
 from dpo.checkpoint import read_metrics
 from dpo.config import Config, UserError
-from dpo.context import check_max_length
+from dpo.context import check_max_length, read_model_config
 from dpo.losses import LossType
 
 log = logging.getLogger("raydpo.train")
@@ -72,13 +72,7 @@ def validate(cfg: Config, train: TrainData) -> None:
 
 
 def _check_policy_context(cfg: Config) -> None:
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"model.policy: cannot read the model config in {cfg.model.policy}: "
-                        f"{str(exc).splitlines()[0]}; it must hold a Hugging Face config.json") from None
+    hf_config = read_model_config(cfg.model.policy, "model.policy", cfg.model.trust_remote_code)
     check_max_length(hf_config, max_length=cfg.data.max_length, key="model.policy", path=cfg.model.policy)
 
 

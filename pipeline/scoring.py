@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from dpo import storage
 from dpo.config import Config, UserError
-from dpo.context import check_max_length
+from dpo.context import check_max_length, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -267,13 +267,7 @@ def check_reference_model(cfg: Config) -> None:
     if not path or not os.path.isdir(path):
         raise UserError(f"{key}: {path or '(empty)'} is not a model folder; give the path of a Hugging Face "
                         "model directory")
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{key}: cannot read the model config in {path}: {str(exc).splitlines()[0]}; "
-                        "it must hold a Hugging Face config.json") from None
+    hf_config = read_model_config(path, key, cfg.model.trust_remote_code)
     weights = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
     if not weights:
         raise UserError(f"{key}: {path} holds no *.safetensors weights; convert the checkpoint with "
