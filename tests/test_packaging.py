@@ -1,0 +1,19 @@
+"""The package's requirements: what a user on a GPU cluster installs has to resolve."""
+
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# vLLM 0.26.0's own pin, from its wheel's METADATA (Requires-Dist: torch==2.11.0).
+VLLM_TORCH = "2.11.0"
+
+
+def test_the_vllm_extra_resolves_beside_the_core_requirements():
+    """`pip install 'raydpo[vllm]'` must find one torch that both raydpo and vLLM accept."""
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    reqs = {r.name: r for r in map(Requirement, project["dependencies"])}
+    assert [str(r) for r in map(Requirement, project["optional-dependencies"]["vllm"])] == ["vllm==0.26.0"]
+    assert reqs["torch"].specifier.contains(VLLM_TORCH), reqs["torch"]
+    assert reqs["torch"].specifier.contains("2.13.0"), "the CPU wheel CI and the quickstart install"
