@@ -41,6 +41,8 @@ RAW_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("shard_rows", pa.int64()),
         ("pair_id", pa.string()),
+        # True where the row has no `id` and pair_id is a hash of its content
+        ("id_from_content", pa.bool_()),
         ("format", pa.string()),
         ("record", pa.string()),
         ("error", pa.string()),
@@ -106,9 +108,13 @@ def detect_format(record: dict) -> Optional[str]:
     return None
 
 
+def has_own_id(record: dict) -> bool:
+    return record.get("id") is not None
+
+
 def pair_id_of(record: dict) -> tuple[Optional[str], Optional[str]]:
     """(pair_id, error). An explicit `id` wins; otherwise a hash of the pair's content."""
-    if "id" in record and record["id"] is not None:
+    if has_own_id(record):
         value = record["id"]
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None, f"field 'id' must be a string or an integer, got {type(value).__name__}"
@@ -275,6 +281,7 @@ def read_file_rows(
                 "line": line,
                 "shard": shard,
                 "pair_id": pair_id,
+                "id_from_content": None if record is None else not has_own_id(record),
                 "format": detected,
                 "record": text,
                 "error": error,

@@ -67,7 +67,7 @@ class Scan:
 
 def scan(files: list[str], cfg: Config) -> Scan:
     """Pass 1: shard sizes, duplicate ids, unreadable files."""
-    cols = ["file", "file_index", "line", "shard", "shard_rows", "pair_id", "error"]
+    cols = ["file", "file_index", "line", "shard", "shard_rows", "pair_id", "id_from_content", "error"]
     ids, shard_sizes, unreadable = [], {}, []
     for batch in read_dataset(files, cfg, ids_only=True).iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.select(cols).to_pylist():
@@ -77,7 +77,7 @@ def scan(files: list[str], cfg: Config) -> Scan:
                 continue
             shard_sizes[row["shard"]] = row["shard_rows"]
             if row["error"] is None:
-                ids.append((row["pair_id"], row["file_index"], row["line"], row["file"]))
+                ids.append((row["pair_id"], row["file_index"], row["line"], row["file"], row["id_from_content"]))
     if unreadable and cfg.data.on_unreadable_file == "error":
         first = unreadable[0]
         raise UserError(f"{first['file']}: {first['reason'].removeprefix('unreadable file: ')}; fix or remove the "

@@ -121,18 +121,21 @@ def tokenize_batch(batch: pa.Table, *, data: DataConfig, tokenizer_path: str, tr
     return pa.Table.from_pylist(out, schema=TOKENIZED_SCHEMA)
 
 
-def find_duplicates(ids: list[tuple[Optional[str], int, int, str]]) -> dict:
-    """(pair_id, file_index, line, file) rows -> {(file_index, line): reason} for every repeat.
+def find_duplicates(ids: list[tuple[Optional[str], int, int, str, bool]]) -> dict:
+    """(pair_id, file_index, line, file, id_from_content) rows -> {(file_index, line): reason} for every repeat.
 
     The first occurrence in input order is kept, so the outcome does not depend
     on the order in which a distributed read delivered the rows.
     """
     first: dict[str, tuple[int, int, str]] = {}
     dupes = {}
-    for pair_id, file_index, line, file in sorted((r for r in ids if r[0] is not None), key=lambda r: (r[1], r[2])):
+    for pair_id, file_index, line, file, from_content in sorted((r for r in ids if r[0] is not None),
+                                                                key=lambda r: (r[1], r[2])):
         if pair_id in first:
             f_index, f_line, f_file = first[pair_id]
-            dupes[(file_index, line)] = f"duplicate pair id (id {pair_id!r} first seen at {f_file}:{f_line})"
+            dupes[(file_index, line)] = (
+                f"duplicate pair: the same prompt, chosen and rejected as {f_file}:{f_line}" if from_content
+                else f"duplicate pair id (id {pair_id!r} first seen at {f_file}:{f_line})")
         else:
             first[pair_id] = (file_index, line, file)
     return dupes

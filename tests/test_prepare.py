@@ -97,6 +97,20 @@ def test_malformed_line_costs_that_line_only(tmp_path, tok_dir):
     assert rejects[0]["file"] == str(f)
 
 
+def test_a_repeated_pair_without_id_is_rejected_as_a_duplicate(tmp_path, tok_dir):
+    """Without an `id`, the pair id is a hash of prompt, chosen and rejected: an exact repeat, in another
+    file and with its keys in another order, is rejected with a reason that names the row it repeats."""
+    a = write_jsonl(tmp_path / "a.jsonl", [EXPLICIT, {**EXPLICIT, "rejected": "6"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [dict(reversed(list(EXPLICIT.items())))])
+    cfg = config(tmp_path, [a, b], tok_dir)
+    prepare(cfg)
+    manifest, rows, rejects = rows_by_file(cfg)
+    assert sorted(rows["a.jsonl"]) == [1, 2] and "b.jsonl" not in rows
+    assert [(os.path.basename(r["file"]), r["line"], r["reason"]) for r in rejects] == [
+        ("b.jsonl", 1, f"duplicate pair: the same prompt, chosen and rejected as {a}:1")]
+    assert manifest["counts"]["read"] == 3 == manifest["counts"]["kept"] + manifest["counts"]["rejected"]
+
+
 def test_bad_rows_are_rejected_with_reasons_and_counts_reconcile(tmp_path, tok_dir):
     lines = [
         {**EXPLICIT, "id": 1},
