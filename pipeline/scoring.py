@@ -10,9 +10,11 @@ null scores so the shard writer can still count them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Callable, Optional, Sequence
+import uuid
+from typing import Callable, Iterator, Optional, Sequence
 
 import pyarrow as pa
 
@@ -308,7 +310,8 @@ def check_pool_fits(cfg: Config) -> None:
         )
 
 
-def _actor_options(max_restarts: int, tensor_parallel_size: int) -> Callable[[], dict]:
+def _actor_options(max_restarts: int, tensor_parallel_size: int, cpus_per_actor: float,
+                   group_prefix: str) -> Callable[[], dict]:
     """Remote options of each scoring actor, applied over Ray Data's defaults when it starts.
 
     Ray Data restarts a dead pool actor forever by default, so a deterministic
@@ -317,9 +320,12 @@ def _actor_options(max_restarts: int, tensor_parallel_size: int) -> Callable[[],
     once the actor is dead for good.
 
     With tensor parallelism each actor gets a placement group of one GPU bundle
-    per rank; vLLM starts its rank workers as Ray actors, and capturing child
-    tasks keeps them in the scoring actor's own group instead of competing with
-    the other actors for GPUs.
+    per rank; vLLM starts its rank workers as Ray actors (no CPUs of their own),
+    and capturing child tasks keeps them in the scoring actor's own group
+    instead of competing with the other actors for GPUs. Only the first bundle
+    holds CPUs, the scoring actor's: the rest stay free for reading and
+    tokenizing. The groups are named `group_prefix-...` so that
+    `release_placement_groups` can find them.
     """
 
     def fn() -> dict:
@@ -328,7 +334,9 @@ def _actor_options(max_restarts: int, tensor_parallel_size: int) -> Callable[[],
             import ray
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK")
+            bundles = [{"GPU": 1, "CPU": cpus_per_actor}] + [{"GPU": 1}] * (tensor_parallel_size - 1)
+            pg = ray.util.placement_group(bundles, strategy="STRICT_PACK",
+                                          name=f"{group_prefix}-{uuid.uuid4().hex[:8]}")
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_capture_child_tasks=True)
         return options
@@ -336,25 +344,49 @@ def _actor_options(max_restarts: int, tensor_parallel_size: int) -> Callable[[],
     return fn
 
 
-def pool_args(cfg: Config) -> dict:
-    """map_batches keyword arguments for the scoring actor pool."""
+def release_placement_groups(group_prefix: str) -> int:
+    """Remove the placement groups named `group_prefix-...`; how many there were."""
+    import ray
+
+    removed = 0
+    for info in ray.util.placement_group_table().values():
+        if info["name"].startswith(group_prefix + "-") and info["state"] != "REMOVED":
+            ray.util.remove_placement_group(ray.util.get_placement_group(info["name"]))
+            removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def actor_pool(cfg: Config) -> Iterator[dict]:
+    """map_batches keyword arguments for the scoring actor pool, for the length of one stage.
+
+    A placement group belongs to the job, not to the actor it was made for: it
+    keeps its GPUs after the pool is done. A job that scores twice (train, then
+    eval, then trains: jobs.pipeline) would wait forever for GPUs the first
+    pool's groups still hold, so they are removed when the stage ends, however
+    it ends.
+    """
     import ray
 
     ref = cfg.reference
     tp = ref.tensor_parallel_size if ref.backend == "vllm" else 1
-    return dict(
-        compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
-        num_cpus=ref.cpus_per_actor,
-        # The placement group holds a tensor-parallel actor's GPUs.
-        num_gpus=ref.gpus_per_actor if tp == 1 else 0,
-        batch_format="pyarrow",
-        batch_size=ref.pairs_per_call,
-        ray_remote_args_fn=_actor_options(ref.max_restarts, tp),
-    )
+    prefix = f"raydpo-scoring-{uuid.uuid4().hex[:12]}"
+    try:
+        yield dict(
+            compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
+            num_cpus=ref.cpus_per_actor,
+            # The placement group holds a tensor-parallel actor's GPUs.
+            num_gpus=ref.gpus_per_actor if tp == 1 else 0,
+            batch_format="pyarrow",
+            batch_size=ref.pairs_per_call,
+            ray_remote_args_fn=_actor_options(ref.max_restarts, tp, ref.cpus_per_actor, prefix),
+        )
+    finally:
+        if tp > 1:
+            release_placement_groups(prefix)
 
 
-def score_dataset(ds, cfg: Config, folder: str):
-    """Append reference scores to a tokenized Ray dataset."""
+def score_dataset(ds, cfg: Config, folder: str, pool: dict):
+    """Append reference scores to a tokenized Ray dataset; `pool` comes from `actor_pool`."""
     marker = storage.join(folder, FAIL_MARKER) if cfg.debug.fail_scoring_after_batches is not None else None
-    return ds.map_batches(ReferenceScorer, fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker},
-                          **pool_args(cfg))
+    return ds.map_batches(ReferenceScorer, fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker}, **pool)

@@ -283,19 +283,61 @@ def test_vllm_scores_match_hf_in_fp32(tiny_model):
 
 @pytest.mark.slow
 def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_session, tiny_model):
-    """Ray Data restarts pool actors forever by default; pool_args bounds it by reference.max_restarts."""
+    """Ray Data restarts pool actors forever by default; actor_pool bounds it by reference.max_restarts."""
     import ray
 
-    from pipeline.scoring import pool_args
+    from pipeline.scoring import actor_pool
 
     class AlwaysCrashes:
         def __call__(self, batch):
             os._exit(1)
 
     cfg = _config(tiny_model, **{"reference.max_restarts": 1, "reference.pairs_per_call": 4})
-    ds = ray.data.from_items([{"x": i} for i in range(8)]).map_batches(AlwaysCrashes, **pool_args(cfg))
     t0 = time.time()
-    with pytest.raises(Exception) as info:
-        ds.materialize()
+    with pytest.raises(Exception) as info, actor_pool(cfg) as pool:
+        ray.data.from_items([{"x": i} for i in range(8)]).map_batches(AlwaysCrashes, **pool).materialize()
     assert time.time() - t0 < 120
     assert "died" in str(info.value).lower() or "ActorDiedError" in repr(info.value)
+
+
+TWO_TP_POOLS = """
+import sys, ray
+from dpo.config import load_config
+from pipeline.scoring import actor_pool
+
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")  # 2 logical GPUs
+cfg = load_config(None, ["model.policy=" + sys.argv[1], "reference.backend=vllm", "reference.gpus_per_actor=1",
+                         "reference.tensor_parallel_size=2", "reference.num_actors=1"])
+
+class Echo:
+    def __call__(self, batch):
+        return batch
+
+for stage in ("train", "eval"):
+    with actor_pool(cfg) as pool:
+        rows = ray.data.range(8).map_batches(Echo, **pool).take_all()
+    print(stage, len(rows), flush=True)
+left = [g for g in ray.util.placement_group_table().values()
+        if g["name"].startswith("raydpo-scoring-") and g["state"] != "REMOVED"]
+print("left", len(left), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_tensor_parallel_pools_give_their_gpus_back(tmp_path, tiny_model):
+    """A TP=2 actor holds a placement group of 2 GPUs, which belongs to the job, not the actor. jobs.pipeline
+    scores train, then eval, in one job: on a node with 2 GPUs the second pool would wait forever for the
+    first pool's group. Both must finish and leave no group behind. Own Ray in a subprocess: it needs GPUs
+    (logical ones do) that the suite's shared Ray does not declare."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_pools.py"
+    script.write_text(TWO_TP_POOLS)
+    try:
+        out = subprocess.run([sys.executable, str(script), tiny_model], capture_output=True, text=True,
+                             timeout=180, cwd=os.path.dirname(os.path.dirname(__file__)))
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the second pool never started: {exc.stdout}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:3] == ["train 8", "eval 8", "left 0"], out.stdout
