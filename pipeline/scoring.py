@@ -292,6 +292,12 @@ def check_reference_model(cfg: Config) -> None:
     if vllm and ref.tensor_parallel_size == 1 and ref.gpus_per_actor <= 0:
         raise UserError("reference.backend=vllm runs on GPUs: set reference.gpus_per_actor=1 "
                         "(or reference.backend=hf to score on CPU)")
+    if vllm and ref.tensor_parallel_size == 1 and ref.gpu_memory_utilization > ref.gpus_per_actor:
+        # vLLM takes this fraction of the whole GPU: actors sharing one would each ask for it.
+        raise UserError(f"reference.gpus_per_actor={ref.gpus_per_actor:g} puts several vLLM actors on one GPU, but "
+                        f"each takes reference.gpu_memory_utilization={ref.gpu_memory_utilization:g} of its memory; "
+                        f"set reference.gpu_memory_utilization to at most {ref.gpus_per_actor:g} (a little less "
+                        "leaves room for CUDA's own use)")
 
 
 def check_pool_fits(cfg: Config) -> None:

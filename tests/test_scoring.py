@@ -132,6 +132,14 @@ def test_vllm_without_gpus_is_refused(tiny_model):
                                                 "data.max_prompt_length": 64}))
 
 
+def test_vllm_actors_sharing_a_gpu_must_share_its_memory(tiny_model):
+    base = {"reference.backend": "vllm", "data.max_length": 128, "data.max_prompt_length": 64,
+            "reference.gpus_per_actor": 0.5}
+    with pytest.raises(UserError, match="reference.gpu_memory_utilization to at most 0.5"):
+        check_reference_model(_config(tiny_model, **base))  # the default utilization is 0.85
+    check_reference_model(_config(tiny_model, **base, **{"reference.gpu_memory_utilization": 0.45}))
+
+
 @pytest.mark.parametrize("backend, max_length, refused", [
     ("hf", 256, False), ("hf", 257, True), ("vllm", 255, False), ("vllm", 256, True),
 ])
