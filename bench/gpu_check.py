@@ -6,8 +6,8 @@
 runs this file.) Phases, each reusing what an earlier call left in --work:
 
 - model: pipeline.models' "gpu" preset (~350M-parameter Llama) with a
-  tokenizer trained on the HH file, then a short causal-LM warm-up on the HH
-  transcripts. A random init predicts every token at about -ln V, where bf16
+  tokenizer trained on the HH file, then 200 steps of causal-LM warm-up on
+  the HH transcripts (32 rows of 512 tokens a step). A random init predicts every token at about -ln V, where bf16
   and fp32 hardly differ; a warmed-up model has peaked distributions like a
   real one, so the measured differences mean something.
 - score: bench/gpu_score.py for bfloat16 and float32, one process each:
@@ -255,7 +255,7 @@ def main(argv=None) -> None:
                  "or pass --data")
     args.preset = "tiny" if args.cpu else "gpu"
     args.max_length = 256 if args.cpu else 512  # within the preset's positions
-    args.warmup_steps = 20 if args.cpu else 300
+    args.warmup_steps = 20 if args.cpu else 200
     args.backends = "hf" if args.cpu else "vllm,hf"
     args.dtypes = ["float32"] if args.cpu else args.dtypes.split(",")
     args.train_dtype = "float32" if args.cpu else "bfloat16"
