@@ -26,7 +26,6 @@ gpu_check.log (every command's output in this call).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -60,11 +59,6 @@ def run(cmd: list[str], out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- model
-
-
-def hh_texts(path: str) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [v for line in fh for v in json.loads(line).values()]
 
 
 def warm_up(base: str, dest: Path, texts: list[str], steps: int, seq_len: int, rows: int, device: str) -> dict:
@@ -111,7 +105,9 @@ def phase_model(args, out: Path) -> dict:
     if done.exists() and json.loads(done.read_text()).get("spec") == spec:
         log_line(out, f"model: reusing {dest}")
         return json.loads(done.read_text())
-    texts = hh_texts(args.data)
+    from hh import hh_texts
+
+    texts = hh_texts(Path(args.data))
     base = build_local_model(work / "base", texts, preset=args.preset, seed=0)
     info = {"spec": spec, **warm_up(base, dest, texts, args.warmup_steps, args.max_length, 4 if args.cpu else 32,
                                     "cpu" if args.cpu else "cuda")}

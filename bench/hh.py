@@ -5,12 +5,23 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Optional
 
 from dpo.config import DataConfig
 from pipeline.formats import RowError, normalise
 from pipeline.tokenize import tokenize_pair
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+
+
+def hh_texts(path: Path = HH, limit: Optional[int] = None) -> list[str]:
+    """The transcripts of the first `limit` rows (all by default): each row's chosen, then its rejected."""
+    texts = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line, _ in zip(fh, range(limit) if limit is not None else iter(int, 1)):
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+    return texts
 
 
 def load_pairs(n: int, tokenizer, data: DataConfig, path: Path = HH) -> list[tuple[list[int], list[int], list[int]]]:

@@ -21,8 +21,6 @@ tokenizer trained on the HH file itself.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import platform
 import tempfile
@@ -30,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from hh import HH, load_pairs
+from hh import HH, hh_texts, load_pairs
 
 from dpo.config import DataConfig
 from dpo.logprobs import token_logps
@@ -95,12 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    texts = []
-    with gzip.open(args.data, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            texts += [row["chosen"], row["rejected"]]
-    model_dir = build_local_model(args.model_dir, texts, preset="small", seed=0)
+    model_dir = build_local_model(args.model_dir, hh_texts(Path(args.data)), preset="small", seed=0)
     tokenizer = load_tokenizer(model_dir)
     data = DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     pairs = load_pairs(args.pairs, tokenizer, data, Path(args.data))

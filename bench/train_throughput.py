@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import json
 import os
 import platform
@@ -35,7 +34,7 @@ import time
 
 import numpy as np
 
-from hh import HH, load_pairs
+from hh import HH, hh_texts, load_pairs
 
 from dpo.config import DataConfig
 
@@ -121,7 +120,7 @@ def child(args) -> None:
     base = status_mib("VmRSS")
     side = Side(args.model, live=args.child == "live")
     for i in range(3):
-        side.step(collate(pairs, plan[i], 0, packed=False))
+        side.step(collate(pairs, plan[i % len(plan)], 0, packed=False))
     peak = status_mib("VmHWM")
     print(json.dumps({"peak_rss_mib": peak, "train_mib": peak - base}))
 
@@ -164,9 +163,7 @@ def main() -> None:
     from pipeline.models import build_local_model
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        with gzip.open(HH, "rt", encoding="utf-8") as fh:
-            texts = [v for line, _ in zip(fh, range(2000)) for v in json.loads(line).values()]
-        model = build_local_model(os.path.join(tmp, "model"), texts, preset=args.preset, seed=0)
+        model = build_local_model(os.path.join(tmp, "model"), hh_texts(HH, limit=2000), preset=args.preset, seed=0)
         results = speed(args, model)
         for mode in ("cached", "live"):
             cmd = [sys.executable, __file__, "--child", mode, "--model", model] + sys.argv[1:]
