@@ -289,10 +289,12 @@ def check_reference_model(cfg: Config) -> None:
                      why=" (vLLM keeps a position for the one token it generates after the scored sequence)"
                      if vllm else "")
     check_pool_fits(cfg)
-    if vllm and ref.tensor_parallel_size == 1 and ref.gpus_per_actor <= 0:
+    if not vllm or ref.tensor_parallel_size > 1:  # a tensor-parallel actor's GPUs are its placement group
+        return
+    if ref.gpus_per_actor <= 0:
         raise UserError("reference.backend=vllm runs on GPUs: set reference.gpus_per_actor=1 "
                         "(or reference.backend=hf to score on CPU)")
-    if vllm and ref.tensor_parallel_size == 1 and ref.gpu_memory_utilization > ref.gpus_per_actor:
+    if ref.gpu_memory_utilization > ref.gpus_per_actor:
         # vLLM takes this fraction of the whole GPU: actors sharing one would each ask for it.
         raise UserError(f"reference.gpus_per_actor={ref.gpus_per_actor:g} puts several vLLM actors on one GPU, but "
                         f"each takes reference.gpu_memory_utilization={ref.gpu_memory_utilization:g} of its memory; "
@@ -350,16 +352,13 @@ def _actor_options(max_restarts: int, tensor_parallel_size: int, cpus_per_actor:
     return fn
 
 
-def release_placement_groups(group_prefix: str) -> int:
-    """Remove the placement groups named `group_prefix-...`; how many there were."""
+def release_placement_groups(group_prefix: str) -> None:
+    """Remove the placement groups named `group_prefix-...`."""
     import ray
 
-    removed = 0
     for info in ray.util.placement_group_table().values():
         if info["name"].startswith(group_prefix + "-") and info["state"] != "REMOVED":
             ray.util.remove_placement_group(ray.util.get_placement_group(info["name"]))
-            removed += 1
-    return removed
 
 
 @contextlib.contextmanager
