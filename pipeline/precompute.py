@@ -8,7 +8,7 @@ from dpo import fingerprint as fpr
 from dpo import storage
 from dpo.config import Config, UserError
 from pipeline.prepare import dataset_folder, reuse_if_complete, split_files
-from pipeline.scoring import actor_pool, check_reference_model, score_dataset
+from pipeline.scoring import ReferenceScorer, actor_pool, check_reference_model
 from pipeline.stage import run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
 
@@ -51,6 +51,6 @@ def precompute(cfg: Config, split: str = "train") -> dict:
         "num_actors": cfg.reference.num_actors,
         "batch_tokens": cfg.reference.batch_tokens,
     }
-    with actor_pool(cfg) as pool:
-        return run_stage(cfg, files, folder, fingerprint, score=lambda ds: score_dataset(ds, cfg, folder, pool),
+    with actor_pool(cfg, folder) as pool:
+        return run_stage(cfg, files, folder, fingerprint, score=lambda ds: ds.map_batches(ReferenceScorer, **pool),
                          manifest_extra=extra, layout_extra=scoring_setup(cfg))

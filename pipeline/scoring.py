@@ -21,6 +21,7 @@ import pyarrow as pa
 from dpo import storage
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, read_model_config
+from pipeline.placement import GroupHostedScorer, release_placement_groups
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def vllm_engine_args(cfg: Config) -> dict:
     more. reference.batch_tokens bounds the tokens of one forward pass, as it
     does for the hf backend; vLLM needs at least as many as sequences per step.
     With tensor parallelism the ranks must run as Ray actors inside the
-    scoring actor's placement group (see _actor_options): vLLM picks that
+    scoring actor's placement group (see pipeline.placement): vLLM picks that
     backend itself only when it sees enough GPUs, so it is named here.
     """
     ref = cfg.reference
@@ -224,9 +225,12 @@ def _die_once(marker: str) -> None:
 class ReferenceScorer:
     """Callable class for `map_batches`: pyarrow batch of tokenized rows in, the same rows plus scores out."""
 
-    def __init__(self, cfg: Config, fail_marker: Optional[str] = None):
+    def __init__(self, cfg: Config, fail_marker: Optional[str] = None, group_prefix: Optional[str] = None):
         ref = cfg.reference
-        if ref.backend == "vllm":
+        if ref.backend == "vllm" and ref.tensor_parallel_size > 1:
+            self.scorer = GroupHostedScorer(VLLMScorer, (vllm_engine_args(cfg),), gpus=ref.tensor_parallel_size,
+                                            cpus=ref.cpus_per_actor, group_prefix=group_prefix)
+        elif ref.backend == "vllm":
             self.scorer = VLLMScorer(vllm_engine_args(cfg))
         else:
             self.scorer = HFScorer(
@@ -318,80 +322,47 @@ def check_pool_fits(cfg: Config) -> None:
         )
 
 
-def _actor_options(max_restarts: int, tensor_parallel_size: int, cpus_per_actor: float,
-                   group_prefix: str) -> Callable[[], dict]:
+def _restart_bound(max_restarts: int) -> Callable[[], dict]:
     """Remote options of each scoring actor, applied over Ray Data's defaults when it starts.
 
     Ray Data restarts a dead pool actor forever by default, so a deterministic
     crash (an OOM on one batch) would loop. A bound makes the job fail with the
     actor's cause: a task in flight is retried on the restarted actor, and fails
     once the actor is dead for good.
-
-    With tensor parallelism each actor gets a placement group of one GPU bundle
-    per rank; vLLM starts its rank workers as Ray actors (no CPUs of their own),
-    and capturing child tasks keeps them in the scoring actor's own group
-    instead of competing with the other actors for GPUs. Only the first bundle
-    holds CPUs, the scoring actor's: the rest stay free for reading and
-    tokenizing. The groups are named `group_prefix-...` so that
-    `release_placement_groups` can find them.
     """
 
     def fn() -> dict:
-        options = {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts > 0 else 0}
-        if tensor_parallel_size > 1:
-            import ray
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            bundles = [{"GPU": 1, "CPU": cpus_per_actor}] + [{"GPU": 1}] * (tensor_parallel_size - 1)
-            pg = ray.util.placement_group(bundles, strategy="STRICT_PACK",
-                                          name=f"{group_prefix}-{uuid.uuid4().hex[:8]}")
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                pg, placement_group_capture_child_tasks=True)
-        return options
+        return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts > 0 else 0}
 
     return fn
 
 
-def release_placement_groups(group_prefix: str) -> None:
-    """Remove the placement groups named `group_prefix-...`."""
-    import ray
-
-    for info in ray.util.placement_group_table().values():
-        if info["name"].startswith(group_prefix + "-") and info["state"] != "REMOVED":
-            ray.util.remove_placement_group(ray.util.get_placement_group(info["name"]))
-
-
 @contextlib.contextmanager
-def actor_pool(cfg: Config) -> Iterator[dict]:
-    """map_batches keyword arguments for the scoring actor pool, for the length of one stage.
+def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
+    """Keyword arguments of `map_batches(ReferenceScorer, ...)` for the length of one scoring stage.
 
-    A placement group belongs to the job, not to the actor it was made for: it
-    keeps its GPUs after the pool is done. A job that scores twice (train, then
-    eval, then trains: jobs.pipeline) would wait forever for GPUs the first
-    pool's groups still hold, so they are removed when the stage ends, however
-    it ends.
+    Tensor-parallel actors make placement groups that outlive them (see
+    pipeline.placement): a job that scores twice (train, then eval, then
+    trains: jobs.pipeline) would wait forever for the GPUs the first pool's
+    groups still hold, so they are removed when the stage ends, however it ends.
     """
     import ray
 
     ref = cfg.reference
     tp = ref.tensor_parallel_size if ref.backend == "vllm" else 1
     prefix = f"raydpo-scoring-{uuid.uuid4().hex[:12]}"
+    marker = storage.join(folder, FAIL_MARKER) if cfg.debug.fail_scoring_after_batches is not None else None
     try:
         yield dict(
+            fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker, "group_prefix": prefix},
             compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
-            num_cpus=ref.cpus_per_actor,
-            # The placement group holds a tensor-parallel actor's GPUs.
+            # A tensor-parallel actor only forwards batches: its CPUs and GPUs are its engine's group.
+            num_cpus=ref.cpus_per_actor if tp == 1 else 0,
             num_gpus=ref.gpus_per_actor if tp == 1 else 0,
             batch_format="pyarrow",
             batch_size=ref.pairs_per_call,
-            ray_remote_args_fn=_actor_options(ref.max_restarts, tp, ref.cpus_per_actor, prefix),
+            ray_remote_args_fn=_restart_bound(ref.max_restarts),
         )
     finally:
         if tp > 1:
             release_placement_groups(prefix)
-
-
-def score_dataset(ds, cfg: Config, folder: str, pool: dict):
-    """Append reference scores to a tokenized Ray dataset; `pool` comes from `actor_pool`."""
-    marker = storage.join(folder, FAIL_MARKER) if cfg.debug.fail_scoring_after_batches is not None else None
-    return ds.map_batches(ReferenceScorer, fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker}, **pool)

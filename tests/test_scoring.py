@@ -290,62 +290,112 @@ def test_vllm_scores_match_hf_in_fp32(tiny_model):
 
 
 @pytest.mark.slow
-def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_session, tiny_model):
+def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_session, tiny_model, tmp_path):
     """Ray Data restarts pool actors forever by default; actor_pool bounds it by reference.max_restarts."""
     import ray
 
     from pipeline.scoring import actor_pool
 
     class AlwaysCrashes:
+        def __init__(self, **_):  # actor_pool's constructor arguments are ReferenceScorer's
+            pass
+
         def __call__(self, batch):
             os._exit(1)
 
     cfg = _config(tiny_model, **{"reference.max_restarts": 1, "reference.pairs_per_call": 4})
     t0 = time.time()
-    with pytest.raises(Exception) as info, actor_pool(cfg) as pool:
+    with pytest.raises(Exception) as info, actor_pool(cfg, str(tmp_path)) as pool:
         ray.data.from_items([{"x": i} for i in range(8)]).map_batches(AlwaysCrashes, **pool).materialize()
     assert time.time() - t0 < 120
     assert "died" in str(info.value).lower() or "ActorDiedError" in repr(info.value)
 
 
-TWO_TP_POOLS = """
-import sys, ray
+TP_POOLS = """
+import os, sys, ray
 from dpo.config import load_config
+from pipeline.placement import GroupHostedScorer
 from pipeline.scoring import actor_pool
 
-ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")  # 2 logical GPUs
-cfg = load_config(None, ["model.policy=" + sys.argv[1], "reference.backend=vllm", "reference.gpus_per_actor=1",
-                         "reference.tensor_parallel_size=2", "reference.num_actors=1"])
+ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # 2 logical GPUs
+cfg = load_config(None, ["model.policy=" + sys.argv[1], "reference.backend=vllm", "reference.tensor_parallel_size=2",
+                         "reference.num_actors=1", "reference.max_restarts=2", "reference.pairs_per_call=4"])
+marker = os.path.join(sys.argv[2], "crashed")
 
-class Echo:
+
+@ray.remote(num_cpus=0, num_gpus=1)  # as vLLM starts its rank workers
+def rank_worker():
+    return ray.util.get_current_placement_group().id.hex()
+
+
+class Engine:  # stands in for VLLMScorer: a one-GPU rank worker per call, as vLLM's ranks take their GPUs
+
+    def __init__(self, fail):
+        if fail == "init":
+            raise RuntimeError("engine failed to start")
+        self.fail = fail
+
+    def score(self, ids):
+        if self.fail == "first-call" and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        group = ray.util.get_current_placement_group().id.hex()
+        assert ray.get(rank_worker.remote()) == group, "a rank worker left the group"
+        return [float(i) for i in ids]
+
+
+class Scorer:
+    def __init__(self, cfg, fail_marker, group_prefix, fail):
+        self.scorer = GroupHostedScorer(Engine, (fail,), gpus=2, cpus=cfg.reference.cpus_per_actor,
+                                        group_prefix=group_prefix)
+
     def __call__(self, batch):
-        return batch
+        return {"score": self.scorer.score(list(batch["id"]))}
 
-for stage in ("train", "eval"):
-    with actor_pool(cfg) as pool:
-        rows = ray.data.range(8).map_batches(Echo, **pool).take_all()
-    print(stage, len(rows), flush=True)
-left = [g for g in ray.util.placement_group_table().values()
-        if g["name"].startswith("raydpo-scoring-") and g["state"] != "REMOVED"]
-print("left", len(left), flush=True)
+
+def groups(prefix):
+    states = [g["state"] for g in ray.util.placement_group_table().values() if g["name"].startswith(prefix + "-")]
+    return "made", "one" if len(states) == 1 else "several", "all removed" if set(states) == {"REMOVED"} else states
+
+
+for stage, fail in (("train", "first-call"), ("eval", None), ("broken", "init")):
+    # Ray Data replaces an actor that dies starting, here twice: each replacement needs the GPUs.
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = 2
+    try:
+        with actor_pool(cfg, sys.argv[2]) as pool:
+            pool["fn_constructor_kwargs"]["fail"] = fail
+            prefix = pool["fn_constructor_kwargs"]["group_prefix"]
+            rows = ray.data.range(8).map_batches(Scorer, **pool).take_all()
+        print(stage, "scored", sorted(r["score"] for r in rows) == list(range(8)), *groups(prefix), flush=True)
+    except Exception as exc:
+        print(stage, "failed", "engine failed to start" in str(exc), *groups(prefix), flush=True)
 """
 
 
 @pytest.mark.slow
-def test_tensor_parallel_pools_give_their_gpus_back(tmp_path, tiny_model):
-    """A TP=2 actor holds a placement group of 2 GPUs, which belongs to the job, not the actor. jobs.pipeline
-    scores train, then eval, in one job: on a node with 2 GPUs the second pool would wait forever for the
-    first pool's group. Both must finish and leave no group behind. Own Ray in a subprocess: it needs GPUs
-    (logical ones do) that the suite's shared Ray does not declare."""
+def test_tensor_parallel_pools_hold_one_group_per_actor_and_give_it_back(tmp_path, tiny_model):
+    """A TP=2 scoring actor holds a placement group of 2 GPUs for its engine; the node has exactly 2.
+
+    - train: the engine dies on its first batch. Ray restarts the scoring actor, which finds its group
+      again (one group made, not two) and scores all 8 rows.
+    - eval: a second pool in the same job (jobs.pipeline scores train, then eval) finds the GPUs free.
+    - broken: an engine that cannot start fails the job with its cause, after Ray Data's replacement
+      actors each got the GPUs (a failed actor removes its group), instead of waiting forever.
+    No group is left after any stage. Own Ray in a subprocess: it needs GPUs (logical ones do) that the
+    suite's shared Ray does not declare. The first pool's actors used to make a spare group whenever Ray
+    Data only inspected their options, and the pool then waited forever on a loaded machine.
+    """
     import subprocess
     import sys
 
-    script = tmp_path / "two_pools.py"
-    script.write_text(TWO_TP_POOLS)
+    script = tmp_path / "tp_pools.py"
+    script.write_text(TP_POOLS)
     try:
-        out = subprocess.run([sys.executable, str(script), tiny_model], capture_output=True, text=True,
-                             timeout=180, cwd=os.path.dirname(os.path.dirname(__file__)))
+        out = subprocess.run([sys.executable, str(script), tiny_model, str(tmp_path)], capture_output=True,
+                             text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the second pool never started: {exc.stdout}")
+        pytest.fail(f"a pool never finished: {exc.stdout}")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[:3] == ["train 8", "eval 8", "left 0"], out.stdout
+    stages = [line for line in out.stdout.split("\n") if line.split(" ")[0] in ("train", "eval", "broken")]
+    assert stages == ["train scored True made one all removed", "eval scored True made one all removed",
+                      "broken failed True made several all removed"], out.stdout
