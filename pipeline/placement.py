@@ -26,6 +26,9 @@ from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
+# A group waits for free GPUs (or for an autoscaler to add a node) as long as it takes: say so now and then.
+WAIT_REPORT_S = 60
+
 
 def _group(name: str, bundles: list[dict]):
     import ray
@@ -53,8 +56,10 @@ class GroupHostedScorer:
         name = f"{group_prefix}-{ray.get_runtime_context().get_actor_id()}"
         self.group = _group(name, [{"GPU": 1, "CPU": cpus}] + [{"GPU": 1}] * (gpus - 1))
         try:
-            log.info("scoring actor waits for placement group %s (%d GPUs)", name, gpus)
-            ray.get(self.group.ready())
+            ready = self.group.ready()
+            while not ray.wait([ready], timeout=WAIT_REPORT_S)[0]:
+                log.warning("scoring actor still waits for placement group %s: %d GPUs on one node; the cluster "
+                            "has %s GPUs free", name, gpus, ray.available_resources().get("GPU", 0))
             self.host = ray.remote(scorer_cls).options(
                 num_cpus=cpus, num_gpus=0, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
