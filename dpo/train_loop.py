@@ -30,6 +30,7 @@ from dpo import storage
 from dpo.batching import Pairs, collate, epoch_plan, policy_logps, rank_micro_batches, use_packing
 from dpo.config import Config, TrainConfig
 from dpo.losses import LossType, preference_loss
+from dpo.sharding import clip_grad_norm, gradient_sync, load_policy
 
 log = logging.getLogger("raydpo.train")
 
@@ -56,22 +57,19 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = len(train_pairs) // global_batch
     total = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
 
-    from transformers import AutoModelForCausalLM
-
-    # safetensors only: a pickled .bin checkpoint can run code when it is loaded.
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.model.trust_remote_code,
-                                                 attn_implementation=cfg.model.attn_implementation)
+    model = load_policy(cfg, device, rank)
     pad_id = _pad_id(model)
     # bf16 autocast only where it is fast and asked for; CPU trains in float32.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.use_gpu and cfg.model.dtype == "bfloat16"
                 else contextlib.nullcontext())
-    packed = use_packing(t.packing, model.to(device), train_pairs, pad_id, autocast)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=t.strategy)
+    packed = use_packing(t.packing, model, train_pairs, pad_id, autocast)
+    if t.strategy == "ddp":
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total))
 
-    start, skipped = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"))
+    start, skipped = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"),
+                              sharded=t.strategy == "fsdp")
     metrics_log = ckpt.MetricsLog(storage.join(train_dir, "metrics.jsonl")) if rank == 0 else None
     board = _tensorboard(storage.join(train_dir, "tensorboard")) if rank == 0 and t.tensorboard else None
     if metrics_log:
@@ -95,15 +93,14 @@ def train_loop_per_worker(config: dict) -> None:
         micro = rank_micro_batches(plan[index], rank, world, t.grad_accum)
         for a, rows in enumerate(micro):
             mb = collate(train_pairs, rows, pad_id, packed).to(device)
-            # Gradients are all-reduced on the last micro-step only.
-            sync = a == len(micro) - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            # Gradients are reduced across ranks on the last micro-step only.
+            with gradient_sync(model, a == len(micro) - 1), autocast:
                 chosen, rejected = policy_logps(model, mb, average=t.average_logps)
                 out = _losses(t, chosen, rejected, mb)
                 (out.losses.sum() / (t.batch_size * t.grad_accum)).backward()
             stats += _batch_stats(out, chosen, rejected, mb)
             bad_ids += [p for p, ok in zip(mb.pair_ids, torch.isfinite(out.losses.detach()).tolist()) if not ok]
-        grad_norm = _clip(model, t.max_grad_norm)
+        grad_norm = clip_grad_norm(model, t.max_grad_norm)
         stats = _all_reduce(stats)
         lr = scheduler.get_last_lr()[0]
         if stats[STATS.index("nonfinite")] > 0 or not math.isfinite(grad_norm):
@@ -214,12 +211,6 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _clip(model, max_norm: float) -> float:
-    if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm needs every shard
-        return float(model.clip_grad_norm_(max_norm))
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-
-
 def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None  # JSON has no NaN
 
@@ -302,17 +293,20 @@ def _maybe_fail(cfg: Config, step: int, rank: int, world: int, train_dir: str) -
     os._exit(1)
 
 
-def _restore(model, optimizer, scheduler, rank: int, own_root: str) -> tuple[int, int]:
+def _restore(model, optimizer, scheduler, rank: int, own_root: str, sharded: bool) -> tuple[int, int]:
     """Load the newest checkpoint (Ray's or ours) into model, optimizer, scheduler and RNG.
 
-    Returns its step and the batches skipped as non-finite up to it.
+    Returns its step and the batches skipped as non-finite up to it. Sharded,
+    only rank 0 reads the full states and the others receive their shards.
     """
     with ckpt.newest(ray.train.get_checkpoint(), own_root) as folder:
         if folder is None:
             return 0, 0
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, ckpt.load(folder, "model.pt"), options=options)
-        set_optimizer_state_dict(model, optimizer, ckpt.load(folder, "optimizer.pt"), options=options)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+        reads = rank == 0 or not sharded
+        set_model_state_dict(model, ckpt.load(folder, "model.pt") if reads else {}, options=options)
+        set_optimizer_state_dict(model, optimizer, ckpt.load(folder, "optimizer.pt") if reads else {},
+                                 options=options)
         scheduler.load_state_dict(ckpt.load(folder, "scheduler.pt"))
         ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[rank])
         state = ckpt.read_state(folder)

@@ -66,9 +66,6 @@ def validate(cfg: Config, train: TrainData) -> None:
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
                         "(train.batch_size x train.num_workers x train.grad_accum); lower one of them")
-    if t.strategy == "fsdp" and not t.use_gpu:
-        raise UserError("train.strategy=fsdp needs GPUs (Ray Train shards with FSDP over NCCL only); "
-                        "set train.use_gpu=true, or train.strategy=ddp to train on CPU")
 
 
 def _check_policy_context(cfg: Config) -> None:

@@ -247,8 +247,18 @@ def test_resuming_under_another_config_is_refused(base, two_workers):
         train(changed, *find_datasets(changed))
 
 
-def test_fsdp_on_cpu_is_refused_with_the_fix(base, tmp_path):
-    overrides, scored = base
-    cfg = load_config(None, overrides + [f"run.output_dir={scored}", "train.strategy=fsdp"])
-    with pytest.raises(UserError, match="train.strategy=ddp"):
-        train(cfg, *find_datasets(cfg))
+def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers):
+    """FSDP2 over gloo: rank 0 alone reads the weights, rank 1 starts on the meta device; a worker dies at
+    step 5 and only rank 0 reads the checkpoint back. Sharded or replicated, the same global batches give
+    the same updates: every step's metrics and the trained weights agree with ddp."""
+    out = tmp_path / "fsdp"
+    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "train.strategy=fsdp",
+                             "debug.fail_at_step=5", "train.max_failures=1")
+    assert (out / "train" / ".failed_at_step_5").exists()
+    _, full, expected = two_workers
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    for got, want in zip(metrics, expected):
+        close(got, want, 1e-5)
+    w, v = weights(result["policy"]), weights(full["policy"])
+    assert set(w) == set(v)
+    assert all(torch.allclose(w[k], v[k], atol=1e-5, rtol=0) for k in w)
