@@ -15,7 +15,8 @@ runs this file.) Phases, each reusing what an earlier call left in --work:
 - jobs: the real entry points, as a user runs them: precompute_reference
   with reference.backend=vllm in bfloat16 and float32, verify_reference of
   each against transformers on the same GPU, and 1-worker bf16 training from
-  the bf16 vLLM-scored dataset (first-step loss against ln 2, tokens/s, MFU).
+  the bf16 vLLM-scored dataset (first-step loss against ln 2, tokens/s, MFU),
+  then a short run of the same with train.strategy=fsdp.
 
 Everything lands in --out: gpu_check.json (all numbers so far, also those of
 earlier calls), gpu_check.md (the tables for docs/benchmarks.md) and
@@ -29,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -192,10 +194,17 @@ def phase_jobs(args, out: Path) -> dict:
                        "default_tolerance": TOLERANCE[dtype], "within_default": per_token[-1] <= TOLERANCE[dtype]},
         }
         if dtype == args.train_dtype:
+            params = count_params(str(Path(args.work) / "model"))
             run([sys.executable, "-m", "jobs.train", "--config", str(config), *common], out)
-            results[dtype]["train"] = train_summary(run_dir / "train" / "metrics.jsonl",
-                                                    count_params(str(Path(args.work) / "model")),
-                                                    peak_flops(dtype))
+            results[dtype]["train"] = train_summary(run_dir / "train" / "metrics.jsonl", params, peak_flops(dtype))
+            # The sharded path on CUDA (NCCL mesh, meta-device start), briefly: one worker, same first step.
+            fsdp_dir = run_dir.with_name(run_dir.name + "-fsdp")
+            shutil.rmtree(fsdp_dir, ignore_errors=True)
+            shutil.copytree(run_dir / "reference", fsdp_dir / "reference")
+            run([sys.executable, "-m", "jobs.train", "--config", str(config), f"model.dtype={dtype}",
+                 f"run.output_dir={fsdp_dir}", "train.strategy=fsdp", f"train.max_steps={args.fsdp_steps}"], out)
+            results[dtype]["train_fsdp"] = train_summary(fsdp_dir / "train" / "metrics.jsonl", params,
+                                                         peak_flops(dtype))
     return results
 
 
@@ -226,10 +235,12 @@ def markdown(report: dict) -> str:
                   f"- verify_reference against hf, {v['pairs']} pairs: per-token |diff| mean {v['per_token_mean']:.3g}, "
                   f"p99 {v['per_token_p99']:.3g}, max {v['per_token_max']:.3g}; max per pair {v['per_pair_max']:.3g}; "
                   f"{'within' if v['within_default'] else 'OUTSIDE'} the default tolerance {v['default_tolerance']:g}"]
-        if "train" in r:
-            t = r["train"]
+        for key, name in (("train", "train"), ("train_fsdp", "train with train.strategy=fsdp")):
+            if key not in r:
+                continue
+            t = r[key]
             mfu = f"{t['mfu']:.1%}" if t["mfu"] is not None else "-"
-            lines.append(f"- train, 1 worker, {t['steps']} steps: first-step loss {t['first_loss']:.5f} "
+            lines.append(f"- {name}, 1 worker, {t['steps']} steps: first-step loss {t['first_loss']:.5f} "
                          f"(ln 2 = {t['ln2']:.5f}), margin {t['first_margin']:.3g}; last loss {t['last_loss']:.4f}; "
                          f"median {t['median_tokens_per_s']:,.0f} tokens/s, MFU {mfu}")
         lines.append("")
@@ -256,6 +267,7 @@ def main(argv=None) -> None:
     args.dtypes = ["float32"] if args.cpu else args.dtypes.split(",")
     args.train_dtype = "float32" if args.cpu else "bfloat16"
     args.train_steps = 5 if args.cpu else 300
+    args.fsdp_steps = 3 if args.cpu else 30
     args.rounds = 1 if args.cpu else 3
     args.verify_sample = 32 if args.cpu else 512
     out = Path(args.out)
