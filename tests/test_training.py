@@ -262,3 +262,14 @@ def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers):
     w, v = weights(result["policy"]), weights(full["policy"])
     assert set(w) == set(v)
     assert all(torch.allclose(w[k], v[k], atol=1e-5, rtol=0) for k in w)
+
+
+def test_fsdp_accumulation_defers_the_reduction_and_matches_ddp(base, tmp_path, two_workers):
+    """Two micro-steps of 2 pairs per worker instead of one of 4: FSDP skips the reduce-scatter on the
+    first (set_requires_gradient_sync) and the accumulated gradient is still the global batch's mean."""
+    _, _, metrics = run(base, tmp_path / "fsdp-accum", "train.num_workers=2", "train.batch_size=2",
+                        "train.grad_accum=2", "train.strategy=fsdp", "train.max_steps=3", "train.save_policy=false")
+    _, _, expected = two_workers
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for got, want in zip(metrics, expected):
+        close({k: v for k, v in got.items() if not k.startswith("eval/")}, want, 1e-5)  # step 3 ends this run
