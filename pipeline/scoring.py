@@ -223,7 +223,11 @@ def _die_once(marker: str) -> None:
 
 
 class ReferenceScorer:
-    """Callable class for `map_batches`: pyarrow batch of tokenized rows in, the same rows plus scores out."""
+    """Callable class for `map_batches`: pyarrow batch of tokenized rows in, the same rows plus scores out.
+
+    Its constructor arguments come from `actor_pool`; `group_prefix` names the
+    placement groups of tensor-parallel vLLM actors (pipeline.placement).
+    """
 
     def __init__(self, cfg: Config, fail_marker: Optional[str] = None, group_prefix: Optional[str] = None):
         ref = cfg.reference
