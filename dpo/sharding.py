@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from dpo.config import Config, UserError
+from dpo.context import read_model_config
 
 
 def load_policy(cfg: Config, device: torch.device, rank: int) -> torch.nn.Module:
@@ -38,9 +39,7 @@ def load_policy(cfg: Config, device: torch.device, rank: int) -> torch.nn.Module
         if cfg.train.strategy == "ddp":
             return model.to(device)
     else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
+        config = read_model_config(cfg.model.policy, "model.policy", cfg.model.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     return _shard(model, device, rank)

@@ -183,7 +183,6 @@ class VLLMScorer:
         except ImportError as exc:
             raise UserError(f"reference.backend=vllm but vLLM cannot be imported on this node ({exc}); "
                             "install it (pip install 'raydpo[vllm]') or set reference.backend=hf") from None
-        self.vllm = vllm
         self.llm = vllm.LLM(**engine_args)
         self.params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
                                           flat_logprobs=True)
@@ -222,6 +221,11 @@ def _die_once(marker: str) -> None:
     os._exit(1)
 
 
+def _tensor_parallel(ref) -> bool:
+    """Whether each scoring actor runs a vLLM engine over several GPUs, in a placement group of its own."""
+    return ref.backend == "vllm" and ref.tensor_parallel_size > 1
+
+
 class ReferenceScorer:
     """Callable class for `map_batches`: pyarrow batch of tokenized rows in, the same rows plus scores out.
 
@@ -231,7 +235,7 @@ class ReferenceScorer:
 
     def __init__(self, cfg: Config, fail_marker: Optional[str] = None, group_prefix: Optional[str] = None):
         ref = cfg.reference
-        if ref.backend == "vllm" and ref.tensor_parallel_size > 1:
+        if _tensor_parallel(ref):
             self.scorer = GroupHostedScorer(VLLMScorer, (vllm_engine_args(cfg),), gpus=ref.tensor_parallel_size,
                                             cpus=ref.cpus_per_actor, group_prefix=group_prefix)
         elif ref.backend == "vllm":
@@ -297,7 +301,7 @@ def check_reference_model(cfg: Config) -> None:
                      why=" (vLLM keeps a position for the one token it generates after the scored sequence)"
                      if vllm else "")
     check_pool_fits(cfg)
-    if not vllm or ref.tensor_parallel_size > 1:  # a tensor-parallel actor's GPUs are its placement group
+    if not vllm or _tensor_parallel(ref):  # a tensor-parallel actor's GPUs are its placement group
         return
     if ref.gpus_per_actor <= 0:
         raise UserError("reference.backend=vllm runs on GPUs: set reference.gpus_per_actor=1 "
@@ -353,7 +357,7 @@ def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
     import ray
 
     ref = cfg.reference
-    tp = ref.tensor_parallel_size if ref.backend == "vllm" else 1
+    grouped = _tensor_parallel(ref)
     prefix = f"raydpo-scoring-{uuid.uuid4().hex[:12]}"
     marker = storage.join(folder, FAIL_MARKER) if cfg.debug.fail_scoring_after_batches is not None else None
     try:
@@ -361,12 +365,12 @@ def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
             fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker, "group_prefix": prefix},
             compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
             # A tensor-parallel actor only forwards batches: its CPUs and GPUs are its engine's group.
-            num_cpus=ref.cpus_per_actor if tp == 1 else 0,
-            num_gpus=ref.gpus_per_actor if tp == 1 else 0,
+            num_cpus=0 if grouped else ref.cpus_per_actor,
+            num_gpus=0 if grouped else ref.gpus_per_actor,
             batch_format="pyarrow",
             batch_size=ref.pairs_per_call,
             ray_remote_args_fn=_restart_bound(ref.max_restarts),
         )
     finally:
-        if tp > 1:
+        if grouped:
             release_placement_groups(prefix)
