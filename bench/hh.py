@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,7 @@ def hh_texts(path: Path = HH, limit: Optional[int] = None) -> list[str]:
     """The transcripts of the first `limit` rows (all by default): each row's chosen, then its rejected."""
     texts = []
     with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line, _ in zip(fh, range(limit) if limit is not None else iter(int, 1)):
+        for line in itertools.islice(fh, limit):
             row = json.loads(line)
             texts += [row["chosen"], row["rejected"]]
     return texts
