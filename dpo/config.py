@@ -87,6 +87,12 @@ class ReferenceConfig(_Section):
     max_restarts: int = Field(2, ge=0)
     # Fraction of GPU memory vLLM may take.
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    # KV cache of each vLLM actor running vLLM's CPU build, GiB. Without it the CPU
+    # engine takes gpu_memory_utilization of the node's RAM, and fails where other
+    # processes (Ray, the other actors) already hold some.
+    cpu_kv_cache_gib: float = Field(1.0, gt=0)
+    # vLLM's own log level in the scoring actors: its INFO lines run to hundreds per actor.
+    vllm_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
 LossName = str

@@ -137,6 +137,8 @@ FIELD_FIXES = {
     "truncation": "data.truncation differs",
     "input_files": "the input files (data.train_files) differ in name or content",
     "tokenization_version": "the tokenization code changed since the dataset was written",
+    "scorer": "the scores were made by another backend, vLLM build or version, or dtype "
+              "(reference.backend, the installed vLLM, model.dtype)",
 }
 
 

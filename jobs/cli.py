@@ -14,6 +14,7 @@ import sys
 from typing import Iterator, Optional
 
 from dpo.config import Config, UserError, load_config
+from pipeline.vllm_build import check_torchvision
 
 log = logging.getLogger("raydpo")
 
@@ -53,6 +54,7 @@ def job(name: str, argv: Optional[list[str]], description: str, extra=None) -> I
     try:
         cfg, args = parse(argv, description, extra)
         log.info("%s: resolved config\n%s", name, cfg.to_yaml().rstrip())
+        check_torchvision()
         init_ray()
         yield cfg, args
     except Exception as exc:

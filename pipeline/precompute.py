@@ -6,28 +6,26 @@ import logging
 
 from dpo import fingerprint as fpr
 from dpo import storage
-from dpo.config import Config, UserError
+from dpo.config import Config
 from pipeline.prepare import dataset_folder, reuse_if_complete, split_files
 from pipeline.scoring import ReferenceScorer, actor_pool, check_reference_model
 from pipeline.stage import run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
+from pipeline.vllm_build import require_vllm
 
 log = logging.getLogger(__name__)
 
 
-def scoring_setup(cfg: Config) -> dict:
-    """What decides the scores besides the fingerprint: cached shards made otherwise are not mixed in."""
-    return {"reference.backend": cfg.reference.backend, "model.dtype": cfg.model.dtype}
+def scorer(cfg: Config) -> str:
+    """What turns the tokens into scores besides the weights: the backend, vLLM's build and version, the dtype.
 
-
-def _check_setup(folder: str, manifest: dict, cfg: Config) -> None:
-    found = manifest.get("layout", {})
-    for key, value in scoring_setup(cfg).items():
-        if found.get(key) != value:
-            raise UserError(
-                f"{folder} was scored with {key}={found.get(key)} but the config gives {key}={value}; "
-                "set it back, or write the new scores into a new run.output_dir"
-            )
+    Part of the reference dataset's fingerprint, so that a rerun never mixes in
+    or reuses scores made otherwise. Training, which does not score, leaves it
+    out of the fingerprint it expects.
+    """
+    ref = cfg.reference
+    engine = [str(require_vllm(ref))] if ref.backend == "vllm" else []
+    return "/".join([ref.backend, *engine, cfg.model.dtype])
 
 
 def precompute(cfg: Config, split: str = "train") -> dict:
@@ -35,11 +33,11 @@ def precompute(cfg: Config, split: str = "train") -> dict:
     # Fail here, not in a Ray task or actor, when the tokenizer or model cannot load.
     load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code)
     check_reference_model(cfg)
-    fingerprint = fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION)
+    fingerprint = {**fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION),
+                   "scorer": scorer(cfg)}
     folder = dataset_folder(cfg, "reference", split)
     manifest = reuse_if_complete(folder, fingerprint)
     if manifest is not None:
-        _check_setup(folder, manifest, cfg)
         return manifest
     cfg.save(storage.join(folder, "config.yaml"))
     extra = {
@@ -53,4 +51,4 @@ def precompute(cfg: Config, split: str = "train") -> dict:
     }
     with actor_pool(cfg, folder) as pool:
         return run_stage(cfg, files, folder, fingerprint, score=lambda ds: ds.map_batches(ReferenceScorer, **pool),
-                         manifest_extra=extra, layout_extra=scoring_setup(cfg))
+                         manifest_extra=extra)

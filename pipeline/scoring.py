@@ -22,6 +22,7 @@ from dpo import storage
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, read_model_config
 from pipeline.placement import GroupHostedScorer, release_placement_groups
+from pipeline.vllm_build import VLLMBuild, engine_environment, installed_vllm, require_vllm
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def prompt_token_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int)
     return out
 
 
-def vllm_engine_args(cfg: Config) -> dict:
+def vllm_engine_args(cfg: Config, build: Optional[VLLMBuild] = None) -> dict:
     """Keyword arguments of `vllm.LLM` for scoring sequences of up to data.max_length tokens.
 
     vLLM refuses a prompt that fills max_model_len, since it must generate one
@@ -162,22 +163,40 @@ def vllm_engine_args(cfg: Config) -> dict:
     With tensor parallelism the ranks must run as Ray actors inside the
     scoring actor's placement group (see pipeline.placement): vLLM picks that
     backend itself only when it sees enough GPUs, so it is named here.
+    On vLLM's CPU build (`build`, default: the one installed here) the KV cache
+    has the size reference.cpu_kv_cache_gib: otherwise the engine would take
+    gpu_memory_utilization of the node's RAM.
     """
     ref = cfg.reference
+    build = build or installed_vllm()
+    cpu = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(ref)} if build is not None and build.cpu else {}
     return dict(
         model=cfg.model.reference_path, skip_tokenizer_init=True, enable_prefix_caching=False,
         dtype=cfg.model.dtype, tensor_parallel_size=ref.tensor_parallel_size,
         gpu_memory_utilization=ref.gpu_memory_utilization, max_model_len=cfg.data.max_length + 1,
         max_num_batched_tokens=ref.batch_tokens, max_num_seqs=min(VLLM_MAX_SEQS, ref.batch_tokens),
         trust_remote_code=cfg.model.trust_remote_code,
-        distributed_executor_backend="ray" if ref.tensor_parallel_size > 1 else "uni",
+        distributed_executor_backend="ray" if ref.tensor_parallel_size > 1 else "uni", **cpu,
     )
 
 
-class VLLMScorer:
-    """Reference log-probs with vLLM's prompt_logprobs; scalars leave the actor, never logprob lists."""
+def cpu_kv_cache_bytes(ref) -> int:
+    return int(ref.cpu_kv_cache_gib * 2**30)
 
-    def __init__(self, engine_args: dict):
+
+class VLLMScorer:
+    """Reference log-probs with vLLM's prompt_logprobs; scalars leave the actor, never logprob lists.
+
+    `environment` (pipeline.vllm_build.engine_environment) is set before vLLM
+    is imported: vLLM reads its log level at import, and its engine processes
+    inherit the rest.
+    """
+
+    def __init__(self, engine_args: dict, environment: Optional[dict] = None):
+        os.environ.update(environment or {})
+        if "kv_cache_memory_bytes" in engine_args:
+            # vLLM's CPU platform lets this legacy variable override the engine argument.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         try:
             import vllm
         except ImportError as exc:
@@ -233,13 +252,21 @@ class ReferenceScorer:
     placement groups of tensor-parallel vLLM actors (pipeline.placement).
     """
 
-    def __init__(self, cfg: Config, fail_marker: Optional[str] = None, group_prefix: Optional[str] = None):
+    def __init__(self, cfg: Config, fail_marker: Optional[str] = None, group_prefix: Optional[str] = None,
+                 engine: Optional[str] = None):
         ref = cfg.reference
+        if ref.backend == "vllm":
+            build = require_vllm(ref)
+            if engine is not None and str(build) != engine:
+                # The manifest names one engine for all scores; a node with another must not add its own.
+                raise UserError(f"this node has {build} but the job scores with {engine}, as its driver has: "
+                                "install the same vLLM on every node")
+            args = (vllm_engine_args(cfg, build), engine_environment(ref, build))
         if _tensor_parallel(ref):
-            self.scorer = GroupHostedScorer(VLLMScorer, (vllm_engine_args(cfg),), gpus=ref.tensor_parallel_size,
+            self.scorer = GroupHostedScorer(VLLMScorer, args, gpus=ref.tensor_parallel_size,
                                             cpus=ref.cpus_per_actor, group_prefix=group_prefix)
         elif ref.backend == "vllm":
-            self.scorer = VLLMScorer(vllm_engine_args(cfg))
+            self.scorer = VLLMScorer(*args)
         else:
             self.scorer = HFScorer(
                 cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,
@@ -301,17 +328,47 @@ def check_reference_model(cfg: Config) -> None:
                      why=" (vLLM keeps a position for the one token it generates after the scored sequence)"
                      if vllm else "")
     check_pool_fits(cfg)
-    if not vllm or _tensor_parallel(ref):  # a tensor-parallel actor's GPUs are its placement group
+    if not vllm:
         return
-    if ref.gpus_per_actor <= 0:
-        raise UserError("reference.backend=vllm runs on GPUs: set reference.gpus_per_actor=1 "
-                        "(or reference.backend=hf to score on CPU)")
+    if require_vllm(ref).cpu:
+        check_cpu_kv_cache(cfg, hf_config, key)
+        return
+    if _tensor_parallel(ref):  # a tensor-parallel actor's GPUs are its placement group
+        return
     if ref.gpu_memory_utilization > ref.gpus_per_actor:
         # vLLM takes this fraction of the whole GPU: actors sharing one would each ask for it.
         raise UserError(f"reference.gpus_per_actor={ref.gpus_per_actor:g} puts several vLLM actors on one GPU, but "
                         f"each takes reference.gpu_memory_utilization={ref.gpu_memory_utilization:g} of its memory; "
                         f"set reference.gpu_memory_utilization to at most {ref.gpus_per_actor:g} (a little less "
                         "leaves room for CUDA's own use)")
+
+
+def kv_bytes_per_token(hf_config, dtype: str) -> int:
+    """Keys and values of every layer for one token: 2 x layers x kv heads x head dim x bytes per value."""
+    text = hf_config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+
+
+def check_cpu_kv_cache(cfg: Config, hf_config, key: str) -> None:
+    """Refuse a CPU KV cache that cannot hold one sequence: vLLM's engine would fail to start in every actor."""
+    per_token = kv_bytes_per_token(hf_config, cfg.model.dtype)
+    tokens = cfg.data.max_length + 1  # vLLM's max_model_len, see vllm_engine_args
+    have = cpu_kv_cache_bytes(cfg.reference)
+    if have < tokens * per_token:
+        raise UserError(
+            f"reference.cpu_kv_cache_gib={cfg.reference.cpu_kv_cache_gib:g} holds {have // per_token} tokens of "
+            f"{key} ({per_token} bytes each in {cfg.model.dtype}), fewer than one sequence of data.max_length + 1 "
+            f"= {tokens}; set reference.cpu_kv_cache_gib to at least {tokens * per_token / 2**30:.3g} (more lets "
+            "vLLM score more sequences at once)")
+    import ray
+
+    nodes = [n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]] if ray.is_initialized() else []
+    if nodes and have > max(nodes):
+        raise UserError(f"reference.cpu_kv_cache_gib={cfg.reference.cpu_kv_cache_gib:g} is more memory than any node "
+                        f"offers its tasks (at most {max(nodes) / 2**30:.1f} GiB); lower it")
 
 
 def check_pool_fits(cfg: Config) -> None:
@@ -362,7 +419,8 @@ def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
     marker = storage.join(folder, FAIL_MARKER) if cfg.debug.fail_scoring_after_batches is not None else None
     try:
         yield dict(
-            fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker, "group_prefix": prefix},
+            fn_constructor_kwargs={"cfg": cfg, "fail_marker": marker, "group_prefix": prefix,
+                                   "engine": str(require_vllm(ref)) if ref.backend == "vllm" else None},
             compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
             # A tensor-parallel actor only forwards batches: its CPUs and GPUs are its engine's group.
             num_cpus=0 if grouped else ref.cpus_per_actor,

