@@ -42,6 +42,9 @@ PRESETS = {
     # benchmarks: 19M params
     "small": dict(vocab_size=8192, hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2,
                   intermediate_size=1024, max_position_embeddings=1024),
+    # benchmarks at ~100M: 102M params with the full vocabulary (89M in 12 layers, 13M in embeddings and head)
+    "medium": dict(vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                   intermediate_size=2560, max_position_embeddings=1024),
     # GPU checks (bench/gpu_check.sh): ~350M params with the full vocabulary, Llama-shaped as vLLM serves it
     "gpu": dict(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8,
                 intermediate_size=2816, max_position_embeddings=1024),

@@ -210,6 +210,10 @@ class VLLMScorer:
         """Summed log-probs of each response given its prompt, float64, in input order."""
         return [sum(values) for values in self.token_logprobs(seqs)]
 
+    def close(self) -> None:
+        """Stop the engine's processes now: left to the interpreter's exit, their shutdown can hang it."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def token_logprobs(self, seqs: Sequence[PromptResponse]) -> list[list[float]]:
         """log p(token | every token before it) for each response token, in input order."""
         from vllm.inputs import TokensPrompt

@@ -8,7 +8,6 @@ driver killed mid-run). The GPU build's checks are in bench/gpu_check.py.
 
 from __future__ import annotations
 
-import gc
 import gzip
 import json
 import math
@@ -89,12 +88,9 @@ def engine(quickstart_model):
 
     cfg = load_config(None, [f"model.policy={quickstart_model}", "data.max_length=255", "data.max_prompt_length=128",
                              "reference.batch_tokens=4096"])
-    # pytest's process runs Ray threads: spawn the engine's processes rather than fork them.
-    environment = {**engine_environment(cfg.reference, BUILD), "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-    scorer = VLLMScorer(vllm_engine_args(cfg), environment)
+    scorer = VLLMScorer(vllm_engine_args(cfg), engine_environment(cfg.reference, BUILD))
     yield cfg, scorer
-    del scorer
-    gc.collect()
+    scorer.close()
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +155,7 @@ def _worst_against_hf(rows: list[dict], model: str) -> float:
 @pytest.fixture(scope="module")
 def quickstart_vllm(tmp_path_factory):
     """The README's vLLM quickstart line, run as written in a folder holding the repo's configs/ and examples/."""
+    assert README_LINE in (ROOT / "README.md").read_text(), "the README's line changed: change it here too"
     work = tmp_path_factory.mktemp("quickstart-vllm")
     for name in ("configs", "examples"):
         os.symlink(ROOT / name, work / name)
