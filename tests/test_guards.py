@@ -2,6 +2,7 @@
 train time, and safe loading (safe YAML, no remote code unless asked, safetensors only)."""
 
 import math
+import os
 
 import pyarrow as pa
 import pytest
@@ -55,3 +56,28 @@ def test_training_refuses_max_length_beyond_the_policys_positions(tiny_model, ma
             validate(cfg, data)
     else:
         validate(cfg, data)
+
+
+def test_a_torchvision_that_cannot_load_is_one_clear_line(tmp_path):
+    """vLLM's CPU build pulls PyPI's CUDA torchvision, whose import fails beside torch's CPU build with
+    "operator torchvision::nms does not exist", and transformers then loads no model. A package that
+    fails the same way stands first on the path here; the job stops with one line that names the fix."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = tmp_path / "torchvision"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    info = tmp_path / "torchvision-0.28.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "jobs.prepare", "--config", "configs/quickstart.yaml"], cwd=root,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}:{root}"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1
+    assert "torchvision 0.28.0 is installed but does not load beside torch" in err[0]
+    assert "operator torchvision::nms does not exist" in err[0] and "pip uninstall -y torchvision" in err[0]

@@ -196,9 +196,12 @@ def test_a_dataset_with_another_fingerprint_is_refused_naming_the_field(clean, t
 
 
 def test_a_dataset_scored_in_another_dtype_is_refused(clean, tiny_model):
+    """The scorer is "backend/dtype" for hf (and "vllm/<build> <version>/dtype" for vLLM) in the fingerprint."""
     cfg, _, _ = clean
     other = make_config(Path(cfg.run.output_dir).parent, tiny_model, **{"model.dtype": "bfloat16"})
-    with pytest.raises(UserError, match="model.dtype=float32 but the config gives model.dtype=bfloat16"):
+    with pytest.raises(fpr.FingerprintMismatch, match="another backend, vLLM build or version, or dtype .*"
+                                                      "field 'scorer': dataset has \"hf/float32\", config gives "
+                                                      "\"hf/bfloat16\""):
         precompute(other)
 
 
