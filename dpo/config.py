@@ -73,6 +73,16 @@ class ModelConfig(_Section):
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.policy
 
+    @property
+    def reference_key(self) -> str:
+        """The key a message about the reference folder names: the one the user set."""
+        return "model.reference" if self.reference else "model.policy"
+
+    @property
+    def tokenizer_key(self) -> str:
+        """The key a message about the tokenizer folder names: the one the user set."""
+        return "model.tokenizer" if self.tokenizer else "model.policy"
+
 
 class ReferenceConfig(_Section):
     backend: Literal["vllm", "hf"] = "hf"
