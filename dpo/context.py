@@ -18,6 +18,10 @@ from dpo.config import ModelConfig, UserError
 
 # Where configs/quickstart.yaml puts the model that `--build-model quickstart` builds.
 QUICKSTART_MODEL = "runs/quickstart/model"
+# A folder holding none of these holds no tokenizer. The chat template is fingerprinted on its own
+# field, so chat_template.jinja is not listed here.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.json")
 
 
 def check_model_folder(path: str, key: str) -> None:
@@ -33,9 +37,19 @@ def check_model_folder(path: str, key: str) -> None:
                     "(models are read from local folders, never from the model hub)")
 
 
+def tokenizer_files(path: str, key: str) -> list[str]:
+    """The tokenizer files in the folder `path`; a folder with none is refused, naming `key`."""
+    check_model_folder(path, key)
+    names = [n for n in os.listdir(path) if n in TOKENIZER_FILES]
+    if not names:
+        raise UserError(f"{key}: {path} holds no tokenizer files (tokenizer.json, ...); give a folder holding "
+                        "a Hugging Face tokenizer")
+    return names
+
+
 def check_model_folders(model: ModelConfig, *, policy: bool, reference: bool) -> None:
     """Every model folder a job will read, checked before Ray starts so a wrong path fails in a moment."""
-    check_model_folder(model.tokenizer_path, model.tokenizer_key)
+    tokenizer_files(model.tokenizer_path, model.tokenizer_key)
     if policy:
         check_model_folder(model.policy, "model.policy")
     if reference:

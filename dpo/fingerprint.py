@@ -14,14 +14,11 @@ import os
 from typing import Optional
 
 from dpo.config import Config, UserError
-from dpo.context import check_model_folder
+from dpo.context import check_model_folder, tokenizer_files
 from dpo.storage import read_text, join, exists
 
 MANIFEST = "_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# The chat template is fingerprinted on its own field, so chat_template.jinja is not listed here.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.json")
 _CACHE = os.path.expanduser(os.environ.get("RAYDPO_HASH_CACHE", "~/.cache/raydpo/hashes.json"))
 
 
@@ -78,10 +75,7 @@ def weights_hash(model_dir: str, key: str = "model.reference") -> str:
 
 def tokenizer_hashes(tokenizer_dir: str, key: str = "model.tokenizer") -> tuple[str, str]:
     """(tokenizer files hash, chat template hash)."""
-    check_model_folder(tokenizer_dir, key)
-    names = [n for n in os.listdir(tokenizer_dir) if n in TOKENIZER_FILES]
-    if not names:
-        raise UserError(f"{key}: {tokenizer_dir} holds no tokenizer files (tokenizer.json, ...)")
+    names = tokenizer_files(tokenizer_dir, key)
     template = ""
     jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
     if os.path.exists(jinja):

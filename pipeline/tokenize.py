@@ -16,7 +16,7 @@ from typing import Optional
 import pyarrow as pa
 
 from dpo.config import DataConfig, UserError
-from dpo.context import check_model_folder
+from dpo.context import tokenizer_files
 from pipeline.formats import RowError, normalise
 
 # Bump when the ids produced for the same text and tokenizer change; it is part
@@ -49,7 +49,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model
     """The tokenizer in the local folder `path`; `key` is the config key that gave it, for messages."""
     from transformers import AutoTokenizer
 
-    check_model_folder(path, key)
+    tokenizer_files(path, key)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -65,6 +65,14 @@ def test_a_missing_tokenizer_names_model_tokenizer(tiny_model, tmp_path, monkeyp
     assert line.startswith("error: model.tokenizer: no/such is not a folder; give the path of a Hugging Face")
 
 
+def test_a_folder_without_a_tokenizer_is_refused_before_transformers(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    line = run_job("prepare", ["--config", QUICKSTART, "model.policy=empty"], capsys)
+    assert line == ("error: model.policy: empty holds no tokenizer files (tokenizer.json, ...); give a folder "
+                    "holding a Hugging Face tokenizer")
+
+
 def test_a_missing_reference_names_model_reference(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     line = run_job("precompute_reference", ["--config", QUICKSTART, f"model.policy={tiny_model}",
