@@ -20,9 +20,10 @@ from TRL's CPO trainer and the four ``f_divergence_type`` values of TRL, which
 are exposed here as loss names of their own).
 
 The single entry point is :func:`preference_loss`; :class:`LossType` says what
-each loss needs (a reference, response lengths, the whole batch).
-:func:`check_loss_config` runs the same argument checks without tensors, so a
-config can be validated before any worker starts.
+each loss needs (a reference, response lengths, the whole batch);
+:class:`LossOptions` (from dpo.loss_options) holds the knobs of single losses
+and their defaults. :func:`check_loss_config` runs the same argument checks
+without tensors, so a config can be validated before any worker starts.
 """
 
 from __future__ import annotations
