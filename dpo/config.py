@@ -8,11 +8,18 @@ with one line that names the key and what to do about it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import re
+import typing
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from dpo.loss_options import LOSS_OPTION_NAMES, LossOptions
+
+_LOSS_OPTION_TYPES = typing.get_type_hints(LossOptions)
 
 
 class UserError(Exception):
@@ -73,6 +80,16 @@ class ModelConfig(_Section):
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.policy
 
+    @property
+    def reference_key(self) -> str:
+        """The key a message about the reference folder names: the one the user set."""
+        return "model.reference" if self.reference else "model.policy"
+
+    @property
+    def tokenizer_key(self) -> str:
+        """The key a message about the tokenizer folder names: the one the user set."""
+        return "model.tokenizer" if self.tokenizer else "model.policy"
+
 
 class ReferenceConfig(_Section):
     backend: Literal["vllm", "hf"] = "hf"
@@ -97,20 +114,21 @@ class ReferenceConfig(_Section):
 
 LossName = str
 
+# Every dpo.loss_options.LossOptions field, as a train.<name> key of its type and default.
+_LossKeys = create_model("_LossKeys", __base__=_Section,
+                         **{f.name: (_LOSS_OPTION_TYPES[f.name], f.default) for f in dataclasses.fields(LossOptions)})
 
-class TrainConfig(_Section):
+
+class TrainConfig(_LossKeys):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Checked, with loss_weights and the other loss keys, by dpo.losses.check_loss_config.
     loss_type: Union[LossName, list[LossName]] = "sigmoid"
-    loss_weights: Optional[list[float]] = None
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    # Extra knobs of individual losses (simpo's gamma, robust's noise, ...).
-    simpo_gamma: float = 0.5
-    alpha: float = 0.5          # alpha_divergence
     average_logps: bool = False
     learning_rate: float = Field(5.0e-7, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -136,24 +154,6 @@ class TrainConfig(_Section):
     tensorboard: bool = False
     save_policy: bool = True
 
-    @field_validator("loss_type")
-    @classmethod
-    def _nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("train.loss_type is an empty list; give at least one loss")
-        return v
-
-    @model_validator(mode="after")
-    def _weights(self) -> "TrainConfig":
-        if self.loss_weights is not None:
-            n = len(self.loss_type) if isinstance(self.loss_type, list) else 1
-            if len(self.loss_weights) != n:
-                raise ValueError(
-                    f"train.loss_weights has {len(self.loss_weights)} entries but train.loss_type "
-                    f"names {n} losses; give one weight per loss"
-                )
-        return self
-
     @model_validator(mode="after")
     def _losses(self) -> "TrainConfig":
         from dpo.losses import check_loss_config
@@ -162,13 +162,16 @@ class TrainConfig(_Section):
             check_loss_config(self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
                               **self.loss_options)
         except ValueError as exc:
-            raise ValueError(f"train.loss_type: {exc}") from None
+            # Its messages start with the argument at fault (loss_weights, alpha, ...) when there is one.
+            msg = str(exc)
+            named = re.match(r"\w+", msg).group() in {"loss_type", "beta", "label_smoothing", *LOSS_OPTION_NAMES}
+            raise ValueError(f"train.{msg}" if named else f"train.loss_type: {msg}") from None
         return self
 
     @property
     def loss_options(self) -> dict:
-        """The options dpo.losses.preference_loss reads, from their train.* keys."""
-        return {"loss_weights": self.loss_weights, "simpo_gamma": self.simpo_gamma, "alpha": self.alpha}
+        """The ``**options`` of dpo.losses.preference_loss, from their train.* keys."""
+        return {name: getattr(self, name) for name in LOSS_OPTION_NAMES}
 
     @property
     def loss_types(self) -> list[str]:

@@ -14,13 +14,11 @@ import os
 from typing import Optional
 
 from dpo.config import Config, UserError
+from dpo.context import check_model_folder, tokenizer_files
 from dpo.storage import read_text, join, exists
 
 MANIFEST = "_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# The chat template is fingerprinted on its own field, so chat_template.jinja is not listed here.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.json")
 _CACHE = os.path.expanduser(os.environ.get("RAYDPO_HASH_CACHE", "~/.cache/raydpo/hashes.json"))
 
 
@@ -68,21 +66,16 @@ def _hash_files(folder: str, names: list[str]) -> str:
 
 
 def weights_hash(model_dir: str, key: str = "model.reference") -> str:
-    if not os.path.isdir(model_dir):
-        raise UserError(f"{key}: {model_dir} is not a model folder; give the path of a Hugging Face model directory")
+    check_model_folder(model_dir, key)
     names = [n for n in os.listdir(model_dir) if n.endswith(WEIGHT_SUFFIXES)]
     if not names:
         raise UserError(f"{key}: {model_dir} holds no weight files (*.safetensors)")
     return _hash_files(model_dir, names)
 
 
-def tokenizer_hashes(tokenizer_dir: str) -> tuple[str, str]:
+def tokenizer_hashes(tokenizer_dir: str, key: str = "model.tokenizer") -> tuple[str, str]:
     """(tokenizer files hash, chat template hash)."""
-    if not os.path.isdir(tokenizer_dir):
-        raise UserError(f"model.tokenizer: {tokenizer_dir} is not a folder holding a tokenizer")
-    names = [n for n in os.listdir(tokenizer_dir) if n in TOKENIZER_FILES]
-    if not names:
-        raise UserError(f"model.tokenizer: {tokenizer_dir} holds no tokenizer files (tokenizer.json, ...)")
+    names = tokenizer_files(tokenizer_dir, key)
     template = ""
     jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
     if os.path.exists(jinja):
@@ -114,9 +107,9 @@ def input_files_hash(files: list[str]) -> list[dict]:
 
 def compute(cfg: Config, files: list[str], *, with_reference: bool, tokenization_version: str) -> dict:
     """The fingerprint of the dataset that `cfg` would produce from `files`."""
-    tok_hash, template_hash = tokenizer_hashes(cfg.model.tokenizer_path)
+    tok_hash, template_hash = tokenizer_hashes(cfg.model.tokenizer_path, cfg.model.tokenizer_key)
     fp = {
-        "reference_model": weights_hash(cfg.model.reference_path) if with_reference else None,
+        "reference_model": weights_hash(cfg.model.reference_path, cfg.model.reference_key) if with_reference else None,
         "tokenizer": tok_hash,
         "chat_template": template_hash,
         "max_length": cfg.data.max_length,
@@ -146,8 +139,11 @@ def diff(expected: dict, found: dict) -> list[str]:
     return [k for k in expected if expected.get(k) != found.get(k)]
 
 
-def read_manifest(folder: str) -> dict:
+def read_manifest(folder: str, made_by: str = "jobs.precompute_reference") -> dict:
+    """The manifest of a finished dataset; `made_by` is the job that writes it, named when there is none."""
     path = join(folder, MANIFEST)
+    if not exists(folder):
+        raise IncompleteDataset(f"{folder} does not exist; {made_by} (or jobs.pipeline) makes it from this config")
     if not exists(path):
         raise IncompleteDataset(
             f"{folder} has no {MANIFEST}: it was never finished (or is still being written); "
@@ -156,9 +152,10 @@ def read_manifest(folder: str) -> dict:
     return json.loads(read_text(path))
 
 
-def check(folder: str, expected: dict, manifest: Optional[dict] = None) -> dict:
+def check(folder: str, expected: dict, manifest: Optional[dict] = None,
+          made_by: str = "jobs.precompute_reference") -> dict:
     """Refuse a dataset whose fingerprint differs from `expected`; return its manifest."""
-    manifest = manifest or read_manifest(folder)
+    manifest = manifest or read_manifest(folder, made_by)
     found = manifest.get("fingerprint", {})
     fields = diff(expected, found)
     if fields:

@@ -20,9 +20,10 @@ from TRL's CPO trainer and the four ``f_divergence_type`` values of TRL, which
 are exposed here as loss names of their own).
 
 The single entry point is :func:`preference_loss`; :class:`LossType` says what
-each loss needs (a reference, response lengths, the whole batch).
-:func:`check_loss_config` runs the same argument checks without tensors, so a
-config can be validated before any worker starts.
+each loss needs (a reference, response lengths, the whole batch);
+:class:`LossOptions` (from dpo.loss_options) holds the knobs of single losses
+and their defaults. :func:`check_loss_config` runs the same argument checks
+without tensors, so a config can be validated before any worker starts.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from dpo.loss_options import LOSS_OPTION_NAMES, LossOptions
+
 __all__ = [
+    "LossOptions",
     "LossOutput",
     "LossType",
-    "OPTION_DEFAULTS",
     "PreferenceBatch",
     "check_loss_config",
     "preference_loss",
@@ -160,15 +163,7 @@ _OPTIONS_READ = {
     LossType.SIMPO: frozenset({"simpo_gamma"}),
     LossType.ALPHA_DIVERGENCE: frozenset({"alpha"}),
 }
-
-#: Every option ``preference_loss`` accepts in ``**options``, with its default.
-OPTION_DEFAULTS: Mapping[str, Any] = {
-    "loss_weights": None,  # one float per loss_type entry; default all 1.0
-    "simpo_gamma": 0.5,  # SimPO target margin γ (TRL CPOConfig default)
-    "alpha": 0.5,  # α of the α-divergence (TRL default)
-    "discopop_tau": 0.05,  # DiscoPOP temperature τ (TRL default, paper's value)
-    "bco_delta": 0.0,  # BCO reward shift δ (TRL keeps a running mean; pass it here)
-}
+assert set().union(*_OPTIONS_READ.values()) <= set(LOSS_OPTION_NAMES), "every option read needs a LossOptions field"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -191,11 +186,7 @@ class PreferenceBatch:
     rejected_lengths: Optional[torch.Tensor]
     beta: float
     label_smoothing: float = 0.0
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def option(self, name: str) -> Any:
-        value = self.options.get(name)
-        return OPTION_DEFAULTS[name] if value is None else value
+    options: LossOptions = field(default_factory=LossOptions)
 
     def logratios(self, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r_c, r_r)``: the reference counts as 0 when absent; ``normalized``
@@ -366,7 +357,7 @@ def bco_pair_loss(b: PreferenceBatch) -> torch.Tensor:
     arXiv:2404.04656.
     """
     r_c, r_r = b.logratios()
-    delta = float(b.option("bco_delta"))
+    delta = float(b.options.bco_delta)
     return -F.logsigmoid(b.beta * r_c - delta) - F.logsigmoid(-(b.beta * r_r - delta))
 
 
@@ -484,7 +475,7 @@ def discopop_loss(b: PreferenceBatch) -> torch.Tensor:
     """
     r_c, r_r = b.logratios()
     x = b.beta * (r_c - r_r)
-    tau = float(b.option("discopop_tau"))
+    tau = float(b.options.discopop_tau)
     logistic = -F.logsigmoid(x) * torch.sigmoid(-x / tau)
     exponential = _capped_exp(-x + F.logsigmoid(x / tau))
     return logistic + exponential
@@ -553,7 +544,7 @@ def simpo_loss(b: PreferenceBatch) -> torch.Tensor:
     """
     avg_c = b.policy_chosen_logps / b.chosen_lengths
     avg_r = b.policy_rejected_logps / b.rejected_lengths
-    gamma = float(b.option("simpo_gamma"))
+    gamma = float(b.options.simpo_gamma)
     return _smoothed_logistic(b.beta * (avg_c - avg_r) - gamma, b.label_smoothing)
 
 
@@ -633,7 +624,7 @@ def alpha_divergence_loss(b: PreferenceBatch) -> torch.Tensor:
     Diverse Divergence Constraints." arXiv:2309.16240.
     """
     r_c, r_r = b.logratios()
-    alpha = float(b.option("alpha"))
+    alpha = float(b.options.alpha)
     if alpha == 0.0:
         d = r_c - r_r
     else:
@@ -696,20 +687,25 @@ def check_loss_config(
     label_smoothing = 0, loss_weights of the wrong length, alpha outside
     [0, 1], discopop_tau <= 0, or label_smoothing > 0 when no loss uses it.
     """
+    types, weights, _ = _resolve(loss_type, beta, label_smoothing, options)
+    return types, weights
+
+
+def _resolve(
+    loss_type: LossTypeArg, beta: float, label_smoothing: float, options: Mapping[str, Any]
+) -> tuple[list[LossType], list[float], LossOptions]:
+    """The checks of :func:`check_loss_config`; also returns the options with their defaults filled in."""
     types = _parse_loss_types(loss_type)
 
-    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    unknown = sorted(set(options) - set(LOSS_OPTION_NAMES))
     if unknown:
         raise ValueError(
             f"unknown loss option(s) {', '.join(unknown)}; "
-            f"valid options are: {', '.join(OPTION_DEFAULTS)}"
+            f"valid options are: {', '.join(LOSS_OPTION_NAMES)}"
         )
+    opts = LossOptions(**options)
 
-    def opt(name: str) -> Any:
-        value = options.get(name)
-        return OPTION_DEFAULTS[name] if value is None else value
-
-    weights = opt("loss_weights")
+    weights = opts.loss_weights
     if weights is None:
         weights = [1.0] * len(types)
     else:
@@ -738,14 +734,14 @@ def check_loss_config(
             "[1-ε, ε]); the EXO paper recommends label_smoothing=1e-3"
         )
     if LossType.ALPHA_DIVERGENCE in types:
-        alpha = float(opt("alpha"))
+        alpha = float(opts.alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (of alpha_divergence) must lie in [0, 1], got {alpha}")
     if LossType.DISCOPOP in types:
-        tau = float(opt("discopop_tau"))
+        tau = float(opts.discopop_tau)
         if not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"discopop_tau must be a positive number, got {tau}")
-    return types, weights
+    return types, weights, opts
 
 
 def _as_logps(name: str, x: Any) -> torch.Tensor:
@@ -791,7 +787,7 @@ def preference_loss(
             Required by the ``length_normalized`` losses (ipo, sigmoid_norm, simpo),
             which divide summed log-probs by them; sft divides by chosen_lengths when
             given. A caller whose log-probs are already per-token means passes ones.
-        **options: loss-specific knobs, see :data:`OPTION_DEFAULTS`: ``loss_weights``,
+        **options: loss-specific knobs, see :class:`LossOptions`: ``loss_weights``,
             ``simpo_gamma``, ``alpha``, ``discopop_tau``, ``bco_delta``.
 
     Returns:
@@ -801,9 +797,7 @@ def preference_loss(
         The rewards are beta * (policy - reference), detached; beta * policy when no
         reference is given.
     """
-    types, weights = check_loss_config(
-        loss_type, beta=beta, label_smoothing=label_smoothing, **options
-    )
+    types, weights, opts = _resolve(loss_type, beta, label_smoothing, options)
 
     pc = _as_logps("policy_chosen_logps", policy_chosen_logps)
     pr = _as_logps("policy_rejected_logps", policy_rejected_logps)
@@ -864,7 +858,7 @@ def preference_loss(
         rejected_lengths=lengths["rejected_lengths"],
         beta=float(beta),
         label_smoothing=float(label_smoothing),
-        options=options,
+        options=opts,
     )
 
     losses = None

@@ -23,7 +23,7 @@ import yaml
 from dpo import storage
 from dpo.checkpoint import read_metrics
 from dpo.config import Config, UserError
-from dpo.context import check_max_length, read_model_config
+from dpo.context import check_max_length, check_model_folder, read_model_config
 from dpo.losses import LossType
 
 log = logging.getLogger("raydpo.train")
@@ -58,9 +58,7 @@ def validate(cfg: Config, train: TrainData) -> None:
     if needs_reference(cfg) and not train.scored:
         raise UserError(f"{train.folder} holds no reference scores but train.loss_type {t.loss_type} needs "
                         "them; run jobs.precompute_reference (or jobs.pipeline) first")
-    if not os.path.isdir(cfg.model.policy):
-        raise UserError(f"model.policy: {cfg.model.policy} is not a model folder; give the path of a "
-                        "Hugging Face model directory")
+    check_model_folder(cfg.model.policy, "model.policy")
     _check_policy_context(cfg)
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:

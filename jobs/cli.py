@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from dpo.config import Config, UserError, load_config
 from pipeline.vllm_build import check_torchvision
@@ -49,12 +49,18 @@ def init_ray() -> None:
 
 
 @contextlib.contextmanager
-def job(name: str, argv: Optional[list[str]], description: str, extra=None) -> Iterator[tuple[Config, argparse.Namespace]]:
+def job(name: str, argv: Optional[list[str]], description: str, extra=None,
+        before_ray: Optional[Callable[[Config, argparse.Namespace], None]] = None,
+        ) -> Iterator[tuple[Config, argparse.Namespace]]:
+    """`before_ray(cfg, args)` runs what needs no cluster, such as the model folder checks: a wrong path
+    then fails in a moment, not after Ray's start-up."""
     setup_logging()
     try:
         cfg, args = parse(argv, description, extra)
         log.info("%s: resolved config\n%s", name, cfg.to_yaml().rstrip())
         check_torchvision()
+        if before_ray is not None:
+            before_ray(cfg, args)
         init_ray()
         yield cfg, args
     except Exception as exc:

@@ -38,11 +38,15 @@ def build_model(cfg: Config, preset: str) -> None:
         raise UserError(f"--build-model: {exc}") from None
 
 
+def before_ray(cfg: Config, args) -> None:
+    if args.build_model:
+        build_model(cfg, args.build_model)
+    train_job.check_models(cfg)
+
+
 def main(argv=None) -> None:
-    with job("pipeline", argv, __doc__, extra=_flags) as (cfg, args):
-        started = time.time()
-        if args.build_model:
-            build_model(cfg, args.build_model)
+    started = time.time()
+    with job("pipeline", argv, __doc__, extra=_flags, before_ray=before_ray) as (cfg, args):
         kind = train_job.dataset_kind(cfg)
         stage = precompute if kind == "reference" else prepare
         for split in ["train"] + (["eval"] if cfg.data.eval_files else []):

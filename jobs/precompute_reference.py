@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dpo.context import check_model_folders
 from jobs.cli import job
 from jobs.summary import print_dataset_summary
 from pipeline.precompute import precompute
@@ -9,7 +10,8 @@ from pipeline.prepare import dataset_folder
 
 
 def main(argv=None) -> None:
-    with job("precompute_reference", argv, __doc__) as (cfg, _):
+    with job("precompute_reference", argv, __doc__,
+             before_ray=lambda cfg, _: check_model_folders(cfg.model, policy=False, reference=True)) as (cfg, _):
         splits = ["train"] + (["eval"] if cfg.data.eval_files else [])
         for split in splits:
             manifest = precompute(cfg, split)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dpo.context import check_model_folders
 from jobs.cli import job
 from jobs.summary import print_dataset_summary
 from pipeline.prepare import dataset_folder, prepare
 
 
 def main(argv=None) -> None:
-    with job("prepare", argv, __doc__) as (cfg, _):
+    with job("prepare", argv, __doc__,
+             before_ray=lambda cfg, _: check_model_folders(cfg.model, policy=False, reference=False)) as (cfg, _):
         splits = ["train"] + (["eval"] if cfg.data.eval_files else [])
         for split in splits:
             manifest = prepare(cfg, split)

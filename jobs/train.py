@@ -10,6 +10,7 @@ from typing import Optional
 
 from dpo import fingerprint as fpr
 from dpo.config import Config
+from dpo.context import check_model_folders
 from dpo.trainer import TrainData, needs_reference, train
 from jobs.cli import job
 from jobs.summary import table
@@ -29,7 +30,8 @@ def find_datasets(cfg: Config) -> tuple[TrainData, Optional[TrainData]]:
         folder = dataset_folder(cfg, kind, split)
         expected = fpr.compute(cfg, split_files(cfg, split), with_reference=kind == "reference",
                                tokenization_version=TOKENIZATION_VERSION)
-        found.append(TrainData(folder, fpr.check(folder, expected)))
+        made_by = "jobs.precompute_reference" if kind == "reference" else "jobs.prepare"
+        found.append(TrainData(folder, fpr.check(folder, expected, made_by=made_by)))
     return found[0], (found[1] if len(found) > 1 else None)
 
 
@@ -59,8 +61,12 @@ def run(cfg: Config) -> dict:
     return result
 
 
+def check_models(cfg: Config, _args=None) -> None:
+    check_model_folders(cfg.model, policy=True, reference=needs_reference(cfg))
+
+
 def main(argv=None) -> None:
-    with job("train", argv, __doc__) as (cfg, _):
+    with job("train", argv, __doc__, before_ray=check_models) as (cfg, _):
         run(cfg)
 
 

@@ -22,6 +22,7 @@ import sys
 from dpo import fingerprint as fpr
 from dpo import storage
 from dpo.config import UserError
+from dpo.context import check_model_folders
 from jobs.cli import job, log
 from jobs.summary import table
 from pipeline.prepare import dataset_folder, split_files
@@ -54,7 +55,8 @@ def compare(rows: list[dict], fresh: list[tuple[float, float]]) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    with job("verify_reference", argv, __doc__, extra=_options) as (cfg, args):
+    with job("verify_reference", argv, __doc__, extra=_options,
+             before_ray=lambda cfg, _: check_model_folders(cfg.model, policy=False, reference=True)) as (cfg, args):
         if args.sample < 1:
             raise UserError(f"--sample {args.sample}: give at least 1 pair to rescore")
         folder = dataset_folder(cfg, "reference", args.split)

@@ -31,7 +31,7 @@ def scorer(cfg: Config) -> str:
 def precompute(cfg: Config, split: str = "train") -> dict:
     files = split_files(cfg, split)
     # Fail here, not in a Ray task or actor, when the tokenizer or model cannot load.
-    load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code)
+    load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code, cfg.model.tokenizer_key)
     check_reference_model(cfg)
     fingerprint = {**fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION),
                    "scorer": scorer(cfg)}

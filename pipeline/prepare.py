@@ -36,7 +36,7 @@ def reuse_if_complete(folder: str, fingerprint: dict):
 
 def prepare(cfg: Config, split: str = "train") -> dict:
     files = split_files(cfg, split)
-    load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code)  # fail here, not in a Ray task
+    load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code, cfg.model.tokenizer_key)  # fail here, not in a Ray task
     fingerprint = fpr.compute(cfg, files, with_reference=False, tokenization_version=TOKENIZATION_VERSION)
     folder = dataset_folder(cfg, "prepared", split)
     manifest = reuse_if_complete(folder, fingerprint)

@@ -308,10 +308,7 @@ def check_reference_model(cfg: Config) -> None:
     would cost the driver a model's worth of memory.
     """
     path = cfg.model.reference_path
-    key = "model.reference" if cfg.model.reference else "model.policy"
-    if not path or not os.path.isdir(path):
-        raise UserError(f"{key}: {path or '(empty)'} is not a model folder; give the path of a Hugging Face "
-                        "model directory")
+    key = cfg.model.reference_key
     hf_config = read_model_config(path, key, cfg.model.trust_remote_code)
     weights = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
     if not weights:

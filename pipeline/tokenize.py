@@ -16,6 +16,7 @@ from typing import Optional
 import pyarrow as pa
 
 from dpo.config import DataConfig, UserError
+from dpo.context import tokenizer_files
 from pipeline.formats import RowError, normalise
 
 # Bump when the ids produced for the same text and tokenizer change; it is part
@@ -44,15 +45,18 @@ TOKENIZED_SCHEMA = pa.schema(
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model.tokenizer"):
+    """The tokenizer in the local folder `path`; `key` is the config key that gave it, for messages."""
     from transformers import AutoTokenizer
 
+    tokenizer_files(path, key)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}; set model.tokenizer") from None
+        raise UserError(f"{key}: cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}; "
+                        "give a folder holding a Hugging Face tokenizer (tokenizer.json, ...)") from None
     if tok.eos_token_id is None:
-        raise UserError(f"the tokenizer at {path} has no EOS token; replies must end with one")
+        raise UserError(f"{key}: the tokenizer at {path} has no EOS token; replies must end with one")
     return tok
 
 

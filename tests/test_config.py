@@ -58,3 +58,39 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(str(ROOT / "configs" / "production.yaml"), ["train.num_workers=3"])
     cfg.save(str(tmp_path / "config.yaml"))
     assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_every_loss_option_is_a_train_key_that_reaches_the_loss():
+    """train.discopop_tau goes through the workers' loss call. The example of tests/test_losses.py (policy
+    -2/-4, reference -3/-3.5, β = 0.1) gives x = β·h = 0.15; τ = 0.15 makes m = σ(x/τ) = σ(1) = 0.731059 and
+    L = (1 - m)·(-logσ(0.15)) + m·e^-0.15 = 0.268941·0.620957 + 0.731059·0.860708 = 0.796229
+    (0.849338 at the default τ = 0.05)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dpo.loss_options import LOSS_OPTION_NAMES
+    from dpo.train_loop import _losses
+
+    mb = SimpleNamespace(ref_chosen=torch.tensor([-3.0]), ref_rejected=torch.tensor([-3.5]),
+                         chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
+    policy = torch.tensor([-2.0]), torch.tensor([-4.0])
+    losses = {}
+    for tau in (None, 0.15):
+        cfg = load_config(None, ["train.loss_type=discopop"] + ([f"train.discopop_tau={tau}"] if tau else []))
+        assert set(LOSS_OPTION_NAMES) <= set(cfg.train.model_dump())
+        losses[tau] = _losses(cfg.train, *policy, mb).losses.item()
+    assert losses[None] == pytest.approx(0.849338, abs=2e-6)
+    assert losses[0.15] == pytest.approx(0.796229, abs=2e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.loss_type=[]"], "train.loss_type is an empty list; give at least one of: sigmoid,"),
+    (["train.loss_weights=[1,2]"], "train.loss_weights has 2 entries but loss_type names 1 loss(es) (sigmoid)"),
+    (["train.loss_type=discopop", "train.discopop_tau=0"], "train.discopop_tau must be a positive number"),
+    (["train.loss_type=alpha_divergence", "train.alpha=2"], "train.alpha (of alpha_divergence) must lie in"),
+])
+def test_loss_mistakes_name_their_train_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(message)

@@ -180,6 +180,13 @@ def test_worked_discopop():
     close(example("discopop").losses, 0.849338)
 
 
+def test_worked_discopop_tau():
+    """τ = 0.15 instead of 0.05: x/τ = 1, m = σ(1) = 0.731059:
+    L = 0.268941·0.620957 + 0.731059·0.860708 = 0.167001 + 0.629228 = 0.796229.
+    """
+    close(example("discopop", discopop_tau=0.15).losses, 0.796229)
+
+
 def test_worked_sft():
     """With lengths: L = -policy_c / |y_c| = 2 / 4 = 0.5; without: L = -policy_c = 2."""
     close(example("sft").losses, 0.5)

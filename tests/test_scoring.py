@@ -107,7 +107,7 @@ def test_reference_scorer_passes_rejected_rows_through_unscored(tiny_model, inde
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing", "is not a model folder"),
+    ("missing", "is not a folder; give the path of a Hugging Face model folder"),
     ("no_weights", "holds no *.safetensors weights"),
     ("corrupt_weights", "is not a readable safetensors file"),
     ("no_config", "cannot read the model config"),

@@ -1,0 +1,106 @@
+"""A model, tokenizer or dataset folder that is not there: one line through each real entry point, naming the
+key the user set and the fix, exit code 2, and no request to the model hub."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def run_job(module: str, argv: list[str], capsys) -> str:
+    """The job's one stderr line, after checking that it exited with code 2."""
+    job = __import__(f"jobs.{module}", fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_:
+        job.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def write_config(path: Path, tree: dict) -> str:
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+@pytest.mark.parametrize("module", ["prepare", "precompute_reference", "pipeline", "train"])
+def test_the_quickstart_without_its_model_names_build_model(module, tmp_path, monkeypatch, capsys):
+    """configs/quickstart.yaml's model.policy is runs/quickstart/model, relative to the working directory;
+    in an empty one it does not exist, and only --build-model makes it."""
+    monkeypatch.chdir(tmp_path)
+    line = run_job(module, ["--config", QUICKSTART], capsys)
+    assert line.startswith("error: model.policy: runs/quickstart/model does not exist")
+    assert "--build-model quickstart" in line
+    assert "Repo id" not in line and "model.tokenizer" not in line
+
+
+def test_the_quickstart_model_constant_is_the_quickstart_configs():
+    from dpo.context import QUICKSTART_MODEL
+
+    assert yaml.safe_load(Path(QUICKSTART).read_text())["model"]["policy"] == QUICKSTART_MODEL
+
+
+def test_a_bare_model_name_fails_at_once_without_the_hub(tmp_path, monkeypatch, capsys):
+    """`nope` is not a folder; transformers would read it as a hub id and retry the hub for ~50 s."""
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    line = run_job("prepare", ["--config", QUICKSTART, "model.policy=nope"], capsys)
+    seconds = time.monotonic() - started
+    assert line == ("error: model.policy: nope is not a folder; give the path of a Hugging Face model folder "
+                    "(models are read from local folders, never from the model hub)")
+    assert seconds < 2, f"took {seconds:.1f} s: something tried the hub or started Ray"
+
+
+def test_a_missing_tokenizer_names_model_tokenizer(tiny_model, tmp_path, monkeypatch, capsys):
+    """model.tokenizer was set, so it is the key to fix, although the policy folder is fine."""
+    monkeypatch.chdir(tmp_path)
+    line = run_job("precompute_reference", ["--config", QUICKSTART, f"model.policy={tiny_model}",
+                                            "model.tokenizer=no/such"], capsys)
+    assert line.startswith("error: model.tokenizer: no/such is not a folder; give the path of a Hugging Face")
+
+
+def test_a_folder_without_a_tokenizer_is_refused_before_transformers(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    line = run_job("prepare", ["--config", QUICKSTART, "model.policy=empty"], capsys)
+    assert line == ("error: model.policy: empty holds no tokenizer files (tokenizer.json, ...); give a folder "
+                    "holding a Hugging Face tokenizer")
+
+
+def test_a_missing_reference_names_model_reference(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = run_job("precompute_reference", ["--config", QUICKSTART, f"model.policy={tiny_model}",
+                                            "model.reference=gone"], capsys)
+    assert line.startswith("error: model.reference: gone is not a folder")
+
+
+def train_config(tmp_path: Path, tiny_model: str) -> str:
+    return write_config(tmp_path / "c.yaml", {
+        "run": {"output_dir": str(tmp_path / "run")}, "model": {"policy": tiny_model},
+        "data": {"train_files": [str(ROOT / "examples" / "data" / "eval.jsonl")], "max_length": 64,
+                 "max_prompt_length": 32},
+        "train": {"num_workers": 1}})
+
+
+def test_train_on_a_fresh_output_dir_says_the_reference_does_not_exist(ray_session, tiny_model, tmp_path, capsys):
+    line = run_job("train", ["--config", train_config(tmp_path, tiny_model)], capsys)
+    assert line == (f"error: {tmp_path / 'run' / 'reference'} does not exist; jobs.precompute_reference "
+                    "(or jobs.pipeline) makes it from this config")
+
+
+def test_train_on_a_reference_free_loss_names_jobs_prepare(ray_session, tiny_model, tmp_path, capsys):
+    line = run_job("train", ["--config", train_config(tmp_path, tiny_model), "train.loss_type=sft"], capsys)
+    assert line == (f"error: {tmp_path / 'run' / 'prepared'} does not exist; jobs.prepare "
+                    "(or jobs.pipeline) makes it from this config")
+
+
+def test_train_on_an_unfinished_reference_says_it_was_never_finished(ray_session, tiny_model, tmp_path, capsys):
+    (tmp_path / "run" / "reference").mkdir(parents=True)
+    line = run_job("train", ["--config", train_config(tmp_path, tiny_model)], capsys)
+    assert "has no _manifest.json: it was never finished" in line
