@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import uuid
+import warnings
 from typing import Callable, Iterator, Optional, Sequence
 
 import pyarrow as pa
@@ -197,11 +198,17 @@ class VLLMScorer:
         if "kv_cache_memory_bytes" in engine_args:
             # vLLM's CPU platform lets this legacy variable override the engine argument.
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        # vLLM's own deprecation notices (torch.distributed.reduce_op, at import) are not the user's to act on.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
         try:
             import vllm
         except ImportError as exc:
             raise UserError(f"reference.backend=vllm but vLLM cannot be imported on this node ({exc}); "
                             "install it (pip install 'raydpo[vllm]') or set reference.backend=hf") from None
+        # vLLM 0.32 warms up chat templating in every LLM and logs a traceback where, as here, it has no
+        # tokenizer (skip_tokenizer_init): harmless when scoring token ids, alarming in the job's log.
+        logging.getLogger("vllm.renderers.base").addFilter(
+            lambda record: record.getMessage() != "Chat template warmup failed")
         self.llm = vllm.LLM(**engine_args)
         self.params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
                                           flat_logprobs=True)
