@@ -371,6 +371,10 @@ from pipeline.placement import GroupHostedScorer
 from pipeline.scoring import actor_pool
 
 ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # 2 logical GPUs
+# The driver sees vLLM's CUDA build, which tensor parallelism runs on; the engine below stands in for it.
+import pipeline.scoring, pipeline.vllm_build
+cuda = pipeline.vllm_build.VLLMBuild("vllm", "0.26.0")
+pipeline.vllm_build.installed_vllm = pipeline.scoring.installed_vllm = lambda: cuda
 cfg = load_config(None, ["model.policy=" + sys.argv[1], "reference.backend=vllm", "reference.tensor_parallel_size=2",
                          "reference.num_actors=1", "reference.max_restarts=2", "reference.pairs_per_call=4"])
 marker = os.path.join(sys.argv[2], "crashed")
@@ -398,7 +402,7 @@ class Engine:  # stands in for VLLMScorer: a one-GPU rank worker per call, as vL
 
 
 class Scorer:
-    def __init__(self, cfg, fail_marker, group_prefix, fail):
+    def __init__(self, cfg, fail_marker, group_prefix, engine, fail):
         self.scorer = GroupHostedScorer(Engine, (fail,), gpus=2, cpus=cfg.reference.cpus_per_actor,
                                         group_prefix=group_prefix)
 
