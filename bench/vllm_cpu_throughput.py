@@ -4,7 +4,7 @@
                                         [--max-length 512] [--batch-tokens 16384]
 
 Each side is the pipeline's own scorer, as a scoring actor builds it
-(pipeline.scoring.VLLMScorer with vllm_engine_args and engine_environment;
+(pipeline.scoring.VLLMScorer with vllm_scorer_args;
 HFScorer), in a process of its own, on the same model folder, the same HH pairs
 tokenized by the pipeline, and the same token budget (reference.batch_tokens).
 The sides alternate (hf, vllm, then vllm, hf, ...) so that other load on the
@@ -60,11 +60,10 @@ def child(args) -> None:
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     t0 = time.perf_counter()
     if args.child == "vllm":
-        from pipeline.scoring import VLLMScorer, vllm_engine_args
-        from pipeline.vllm_build import engine_environment, require_vllm
+        from pipeline.scoring import VLLMScorer, vllm_scorer_args
+        from pipeline.vllm_build import require_vllm
 
-        build = require_vllm(cfg.reference)
-        scorer = VLLMScorer(vllm_engine_args(cfg, build), engine_environment(cfg.reference, build))
+        scorer = VLLMScorer(*vllm_scorer_args(cfg, require_vllm(cfg.reference)))
     else:
         import torch
 

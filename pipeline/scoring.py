@@ -23,7 +23,8 @@ from dpo import storage
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, read_model_config
 from pipeline.placement import GroupHostedScorer, release_placement_groups
-from pipeline.vllm_build import VLLMBuild, engine_environment, installed_vllm, require_vllm
+from pipeline.vllm_build import (INSTALL_CPU, INSTALL_CUDA, VLLMBuild, engine_environment, installed_vllm,
+                                 require_vllm)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,11 @@ def cpu_kv_cache_bytes(ref) -> int:
     return int(ref.cpu_kv_cache_gib * 2**30)
 
 
+def vllm_scorer_args(cfg: Config, build: VLLMBuild) -> tuple[dict, dict]:
+    """`VLLMScorer(*args)` for this config on `build`, as a scoring actor makes it."""
+    return vllm_engine_args(cfg, build), engine_environment(cfg.reference, build)
+
+
 class VLLMScorer:
     """Reference log-probs with vLLM's prompt_logprobs; scalars leave the actor, never logprob lists.
 
@@ -204,7 +210,8 @@ class VLLMScorer:
             import vllm
         except ImportError as exc:
             raise UserError(f"reference.backend=vllm but vLLM cannot be imported on this node ({exc}); "
-                            "install it (pip install 'raydpo[vllm]') or set reference.backend=hf") from None
+                            f"reinstall it ({INSTALL_CUDA} for GPUs, {INSTALL_CPU} for CPUs) or set "
+                            "reference.backend=hf") from None
         # vLLM 0.32 warms up chat templating in every LLM and logs a traceback where, as here, it has no
         # tokenizer (skip_tokenizer_init): harmless when scoring token ids, alarming in the job's log.
         logging.getLogger("vllm.renderers.base").addFilter(
@@ -272,12 +279,12 @@ class ReferenceScorer:
                 # The manifest names one engine for all scores; a node with another must not add its own.
                 raise UserError(f"this node has {build} but the job scores with {engine}, as its driver has: "
                                 "install the same vLLM on every node")
-            args = (vllm_engine_args(cfg, build), engine_environment(ref, build))
-        if _tensor_parallel(ref):
-            self.scorer = GroupHostedScorer(VLLMScorer, args, gpus=ref.tensor_parallel_size,
-                                            cpus=ref.cpus_per_actor, group_prefix=group_prefix)
-        elif ref.backend == "vllm":
-            self.scorer = VLLMScorer(*args)
+            args = vllm_scorer_args(cfg, build)
+            if _tensor_parallel(ref):
+                self.scorer = GroupHostedScorer(VLLMScorer, args, gpus=ref.tensor_parallel_size,
+                                                cpus=ref.cpus_per_actor, group_prefix=group_prefix)
+            else:
+                self.scorer = VLLMScorer(*args)
         else:
             self.scorer = HFScorer(
                 cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,

@@ -83,12 +83,11 @@ def engine(quickstart_model):
 
     255 is the most the quickstart model's 256 positions allow (vLLM keeps one for the token it generates).
     """
-    from pipeline.scoring import VLLMScorer, vllm_engine_args
-    from pipeline.vllm_build import engine_environment
+    from pipeline.scoring import VLLMScorer, vllm_scorer_args
 
     cfg = load_config(None, [f"model.policy={quickstart_model}", "data.max_length=255", "data.max_prompt_length=128",
                              "reference.batch_tokens=4096"])
-    scorer = VLLMScorer(vllm_engine_args(cfg), engine_environment(cfg.reference, BUILD))
+    scorer = VLLMScorer(*vllm_scorer_args(cfg, BUILD))
     yield cfg, scorer
     scorer.close()
 
