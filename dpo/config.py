@@ -71,6 +71,9 @@ class ModelConfig(_Section):
     # Custom modelling code runs arbitrary Python from the model folder: opt in only.
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
+    # Scored positions whose full-vocabulary logits exist at once, in training and in hf scoring
+    # (dpo.forward): the peak of the output head is this x vocabulary x 4 bytes, however long the batch.
+    logits_chunk_size: int = Field(1024, gt=0)
 
     @property
     def reference_path(self) -> str:
@@ -148,6 +151,12 @@ class TrainConfig(_LossKeys):
     # Padding-free packing of a micro-batch into one row; auto turns it on only where
     # it pays: under flash attention, which takes packed position_ids without a dense T x T mask.
     packing: Literal["auto", "on", "off"] = "auto"
+    # One row per pair, prompt + chosen + rejected, the prompt computed once (dpo.forward); auto turns it on
+    # where it was measured to be faster: on CPU, under eager or sdpa attention (docs/benchmarks.md).
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
+    # auto: the output head runs only at the positions that predict a response token, where the model
+    # allows it (dpo.forward checks); off: at every position, as a plain forward does.
+    response_logits: Literal["auto", "off"] = "auto"
     # Pairs per length-sorted pool from which batches are cut (in global batches).
     length_group_batches: int = Field(8, ge=1)
     on_nonfinite_loss: Literal["error", "skip"] = "error"
@@ -166,6 +175,13 @@ class TrainConfig(_LossKeys):
             msg = str(exc)
             named = re.match(r"\w+", msg).group() in {"loss_type", "beta", "label_smoothing", *LOSS_OPTION_NAMES}
             raise ValueError(f"train.{msg}" if named else f"train.loss_type: {msg}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "TrainConfig":
+        if self.packing == "on" and self.prefix_sharing == "on":
+            raise ValueError("train.packing=on and train.prefix_sharing=on lay a batch out in two different ways; "
+                             "turn one of them off")
         return self
 
     @property

@@ -60,6 +60,10 @@ def validate(cfg: Config, train: TrainData) -> None:
                         "them; run jobs.precompute_reference (or jobs.pipeline) first")
     check_model_folder(cfg.model.policy, "model.policy")
     _check_policy_context(cfg)
+    if t.prefix_sharing == "on" and (cfg.model.attn_implementation or "").startswith("flash"):
+        raise UserError(f"train.prefix_sharing=on needs a 4D attention mask, which model.attn_implementation="
+                        f"{cfg.model.attn_implementation} does not take; use sdpa or eager, or set "
+                        "train.prefix_sharing=off")
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
@@ -71,9 +75,11 @@ def _check_policy_context(cfg: Config) -> None:
     check_max_length(hf_config, max_length=cfg.data.max_length, key="model.policy", path=cfg.model.policy)
 
 
-# Keys that may change between a run and its resumption: they do not alter what a step computes.
+# Keys that may change between a run and its resumption: they do not alter what a step computes
+# (the layout and the logits path change only float rounding, dpo.forward).
 RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
-               "eval_every", "tensorboard", "save_policy", "cpus_per_worker"}
+               "eval_every", "tensorboard", "save_policy", "cpus_per_worker", "prefix_sharing", "response_logits"}
+RUN_AND_MODEL_RESUME_SAFE = {"name", "logits_chunk_size"}  # run.name, model.logits_chunk_size
 
 
 def _check_resumable(cfg: Config, train_dir: str) -> None:
@@ -87,7 +93,7 @@ def _check_resumable(cfg: Config, train_dir: str) -> None:
     now = cfg.model_dump(mode="json")
     changed = [f"train.{k}" for k, v in now["train"].items() if k not in RESUME_SAFE and saved.get("train", {}).get(k) != v]
     changed += [f"{section}.{k}" for section in ("model", "run") for k, v in now[section].items()
-                if k != "name" and saved.get(section, {}).get(k) != v]
+                if k not in RUN_AND_MODEL_RESUME_SAFE and saved.get(section, {}).get(k) != v]
     if changed:
         raise UserError(f"{train_dir} holds checkpoints of a run with another {changed[0]}"
                         f"{' (and ' + ', '.join(changed[1:]) + ')' if changed[1:] else ''}, and training resumes "

@@ -70,10 +70,9 @@ def main(argv=None) -> None:
                  cfg.model.dtype)
         scorer = HFScorer(cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=cfg.reference.batch_tokens,
                           trust_remote_code=cfg.model.trust_remote_code,
-                          attn_implementation=cfg.model.attn_implementation)
-        seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
-        scores = scorer.score(seqs)
-        diffs = compare(rows, list(zip(scores[: len(rows)], scores[len(rows):])))
+                          attn_implementation=cfg.model.attn_implementation,
+                          logits_chunk_size=cfg.model.logits_chunk_size)
+        diffs = compare(rows, scorer.score([(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]))
         tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[cfg.model.dtype]
         worst = sorted(diffs, key=lambda d: -d["per_token"])
         n = len(diffs)

@@ -70,7 +70,7 @@ def test_every_loss_option_is_a_train_key_that_reaches_the_loss():
     import torch
 
     from dpo.loss_options import LOSS_OPTION_NAMES
-    from dpo.train_loop import _losses
+    from dpo.train_loop import micro_batch_losses
 
     mb = SimpleNamespace(ref_chosen=torch.tensor([-3.0]), ref_rejected=torch.tensor([-3.5]),
                          chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
@@ -79,7 +79,7 @@ def test_every_loss_option_is_a_train_key_that_reaches_the_loss():
     for tau in (None, 0.15):
         cfg = load_config(None, ["train.loss_type=discopop"] + ([f"train.discopop_tau={tau}"] if tau else []))
         assert set(LOSS_OPTION_NAMES) <= set(cfg.train.model_dump())
-        losses[tau] = _losses(cfg.train, *policy, mb).losses.item()
+        losses[tau] = micro_batch_losses(cfg.train, *policy, mb).losses.item()
     assert losses[None] == pytest.approx(0.849338, abs=2e-6)
     assert losses[0.15] == pytest.approx(0.796229, abs=2e-6)
 

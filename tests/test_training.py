@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from dpo import storage
-from dpo.batching import Pairs, collate, policy_logps
+from dpo.batching import Pairs, collate
 from dpo.checkpoint import read_metrics
 from dpo.config import UserError, load_config
 from dpo.fingerprint import read_manifest
+from dpo.forward import PolicyLogps, sequence_logps
 from dpo.trainer import train
 from jobs.train import find_datasets
 from pipeline.precompute import precompute
@@ -151,8 +152,10 @@ def test_policy_loads_and_gives_the_trained_logps(two_workers):
     AutoTokenizer.from_pretrained(result["policy"])
     folder = os.path.join(cfg.run.output_dir, "reference_eval")
     pairs = Pairs.from_tables([storage.read_parquet_files(folder, read_manifest(folder)["files"])])
-    with torch.no_grad():
-        chosen, rejected = policy_logps(model, collate(pairs, np.arange(len(pairs)), 0, packed=False), average=False)
+    with torch.no_grad():  # a plain forward: padded rows, logits everywhere
+        inputs = collate(pairs, np.arange(len(pairs)), 0, "padded").inputs
+        chosen, rejected = sequence_logps(lambda x: PolicyLogps(model, 1024)(x, full_logits=True), inputs,
+                                          average=False)
     assert math.isclose(float(chosen.mean()), metrics[-1]["eval/logps/chosen"], rel_tol=1e-5, abs_tol=1e-4)
     assert math.isclose(float(rejected.mean()), metrics[-1]["eval/logps/rejected"], rel_tol=1e-5, abs_tol=1e-4)
 
@@ -188,8 +191,9 @@ def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, 
     folder = os.path.join(cfg.run.output_dir, "reference")
     pairs = Pairs.from_tables([storage.read_parquet_files(folder, manifest["files"])])
     with torch.no_grad():
-        for packed in (False, True):
-            chosen, rejected = policy_logps(model, collate(pairs, np.arange(len(pairs)), 0, packed), average=False)
+        for layout in ("padded", "packed", "shared"):
+            inputs = collate(pairs, np.arange(len(pairs)), 0, layout).inputs
+            chosen, rejected = sequence_logps(PolicyLogps(model, 1024), inputs, average=False)
             assert np.allclose(chosen.numpy(), pairs.ref_chosen, atol=1e-4, rtol=1e-6)
             assert np.allclose(rejected.numpy(), pairs.ref_rejected, atol=1e-4, rtol=1e-6)
     result = train(cfg, *find_datasets(cfg))
@@ -273,3 +277,20 @@ def test_fsdp_accumulation_defers_the_reduction_and_matches_ddp(base, tmp_path, 
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for got, want in zip(metrics, expected):
         close({k: v for k, v in got.items() if not k.startswith("eval/")}, want, 1e-5)  # step 3 ends this run
+
+
+def test_twenty_steps_of_the_new_forward_equal_todays(base, tmp_path):
+    """One worker, 20 steps (48 pairs, 8 a step: into the fourth epoch): the default forward on CPU (the prompt
+    once per pair, logits only where a response token is predicted) gives every step's loss and metrics of
+    today's forward (padded rows, logits at every position) within 1e-5, and the same trained weights."""
+    common = ["train.num_workers=1", "train.batch_size=8", "train.max_steps=20", "train.epochs=4",
+              "train.eval_every=10", "train.checkpoint_every=20"]
+    _, new, metrics = run(base, tmp_path / "new", *common)
+    _, today, expected = run(base, tmp_path / "today", *common, "train.prefix_sharing=off",
+                             "train.response_logits=off")
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    for got, want in zip(metrics, expected):
+        close(got, want, 1e-5)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.05  # it learned: the comparison is not of constants
+    w, v = weights(new["policy"]), weights(today["policy"])
+    assert all(torch.allclose(w[k], v[k], atol=1e-5, rtol=0) for k in w)

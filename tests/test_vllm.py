@@ -8,13 +8,10 @@ driver killed mid-run). The GPU build's checks are in bench/gpu_check.py.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,10 +20,10 @@ import pytest
 from dpo import fingerprint as fpr
 from dpo.config import load_config
 from dpo.storage import read_parquet_files
-from pipeline.formats import RowError, normalise
 from pipeline.scoring import HFScorer
-from pipeline.tokenize import load_tokenizer, tokenize_pair
 from pipeline.vllm_build import installed_vllm
+
+from pairs import tokenized
 
 BUILD = installed_vllm()
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,23 +45,6 @@ def quickstart_model(tmp_path_factory) -> str:
 
     return build_local_model(tmp_path_factory.mktemp("models") / "quickstart",
                              iter_texts([str(EXAMPLES / "train.jsonl")]), preset="quickstart", seed=0)
-
-
-def tokenized(path, fmt: str, model: str, data, limit: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) token ids as the pipeline makes them; rows it rejects are left out."""
-    tok = load_tokenizer(model)
-    out = []
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                tp = tokenize_pair(normalise(json.loads(line), fmt, tok), tok, data)
-            except RowError:
-                continue
-            out.append((tp.prompt_ids, tp.chosen_ids, tp.rejected_ids))
-            if len(out) == limit:
-                break
-    return out
 
 
 def transformers_token_logps(model, prompt: list[int], response: list[int]) -> list[float]:
@@ -108,8 +88,9 @@ def _parity(engine, hf_model, quickstart_model, pairs) -> None:
                     for a, b in zip(values, transformers_token_logps(hf_model, p, r)))
     assert all(len(values) == len(r) for (_, r), values in zip(seqs, got))
     assert per_token <= 1e-5
-    hf = HFScorer(quickstart_model, batch_tokens=cfg.reference.batch_tokens).score(seqs)
-    per_pair = max(abs(sum(values) - expected) for values, expected in zip(got, hf))
+    hf = HFScorer(quickstart_model, batch_tokens=cfg.reference.batch_tokens).score(pairs)
+    hf_sequences = [c for c, _ in hf] + [r for _, r in hf]
+    per_pair = max(abs(sum(values) - expected) for values, expected in zip(got, hf_sequences))
     assert per_pair <= 1e-4
 
 
@@ -144,11 +125,8 @@ def _rows(folder: Path) -> list[dict]:
 
 def _worst_against_hf(rows: list[dict], model: str) -> float:
     """Largest |vLLM - hf| over the rows' chosen and rejected scores, nats per sequence."""
-    hf = HFScorer(model, batch_tokens=8192).score([(r["prompt_ids"], r["chosen_ids"]) for r in rows] +
-                                                  [(r["prompt_ids"], r["rejected_ids"]) for r in rows])
-    n = len(rows)
-    return max(max(abs(r["ref_chosen_logp"] - hf[i]), abs(r["ref_rejected_logp"] - hf[n + i]))
-               for i, r in enumerate(rows))
+    hf = HFScorer(model, batch_tokens=8192).score([(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows])
+    return max(max(abs(r["ref_chosen_logp"] - c), abs(r["ref_rejected_logp"] - j)) for r, (c, j) in zip(rows, hf))
 
 
 @pytest.fixture(scope="module")
