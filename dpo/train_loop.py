@@ -44,6 +44,8 @@ STATS = ["pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accurac
 AVERAGED = STATS[1:8]
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 ERROR_FILE = "error.txt"
+# PolicyLogps holds the transformers model as `lm`: its keys in checkpoints, not in the exported policy/.
+LM_PREFIX = "lm."
 
 
 @dataclass
@@ -54,8 +56,8 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    model: torch.nn.Module      # `policy` as the step runs it: wrapped in DDP, or sharded by FSDP
-    policy: PolicyLogps         # its `lm` is the transformers model, whose state dicts checkpoints hold
+    model: torch.nn.Module      # `policy` as the step runs it, wrapped in DDP or sharded by FSDP; state dicts are its
+    policy: PolicyLogps         # its `lm` is the transformers model
     optimizer: torch.optim.Optimizer
     scheduler: Any
     train_pairs: Pairs
@@ -140,9 +142,10 @@ def setup(config: dict) -> Worker:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.use_gpu and cfg.model.dtype == "bfloat16"
                 else contextlib.nullcontext())
     model = ray.train.torch.prepare_model(policy, parallel_strategy="ddp") if t.strategy == "ddp" else policy
+    # Before any forward: FSDP2's lazy initialisation at the first one re-registers the root's parameters.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     check_response_head(model, policy, device, autocast)
     layout = choose_layout(t, model, policy.lm, train_pairs, pad_id, device, autocast)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     w = Worker(cfg=cfg, rank=rank, world=world, device=device, model=model, policy=policy, optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total)),
                train_pairs=train_pairs, eval_pairs=eval_pairs, layout=layout, pad_id=pad_id, autocast=autocast,
@@ -379,8 +382,8 @@ def _restore(w: Worker) -> None:
             return
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
         reads = w.rank == 0 or not sharded
-        set_model_state_dict(w.policy.lm, ckpt.load(folder, "model.pt") if reads else {}, options=options)
-        set_optimizer_state_dict(w.policy.lm, w.optimizer, ckpt.load(folder, "optimizer.pt") if reads else {},
+        set_model_state_dict(w.model, ckpt.load(folder, "model.pt") if reads else {}, options=options)
+        set_optimizer_state_dict(w.model, w.optimizer, ckpt.load(folder, "optimizer.pt") if reads else {},
                                  options=options)
         w.scheduler.load_state_dict(ckpt.load(folder, "scheduler.pt"))
         ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[w.rank])
@@ -390,8 +393,8 @@ def _restore(w: Worker) -> None:
 
 def _save(w: Worker, metrics: dict) -> None:
     # Gathering full state dicts is collective under FSDP: every rank takes part.
-    model_state = get_model_state_dict(w.policy.lm, options=FULL_STATE)
-    optimizer_state = get_optimizer_state_dict(w.policy.lm, w.optimizer, options=FULL_STATE)
+    model_state = get_model_state_dict(w.model, options=FULL_STATE)
+    optimizer_state = get_optimizer_state_dict(w.model, w.optimizer, options=FULL_STATE)
     rng = ckpt.rng_state()
     rngs = [None] * w.world if dist.is_initialized() else [rng]
     if dist.is_initialized():
@@ -410,9 +413,10 @@ def _save(w: Worker, metrics: dict) -> None:
 
 def _save_policy(w: Worker, dest: str) -> None:
     """The trained weights and the tokenizer, in Hugging Face format."""
-    state = get_model_state_dict(w.policy.lm, options=FULL_STATE)
+    state = get_model_state_dict(w.model, options=FULL_STATE)
     if w.rank != 0:
         return
+    state = {name.removeprefix(LM_PREFIX): tensor for name, tensor in state.items()}
     from transformers import AutoTokenizer
 
     cfg = w.cfg
