@@ -31,6 +31,7 @@ from dpo.batching import Pairs, collate, epoch_plan, policy_logps, rank_micro_ba
 from dpo.config import Config, TrainConfig
 from dpo.losses import LossType, preference_loss
 from dpo.sharding import clip_grad_norm, gradient_sync, load_policy
+from dpo.trackers import open_trackers
 
 log = logging.getLogger("raydpo.train")
 
@@ -71,7 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
     start, skipped = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"),
                               sharded=t.strategy == "fsdp")
     metrics_log = ckpt.MetricsLog(storage.join(train_dir, "metrics.jsonl")) if rank == 0 else None
-    board = _tensorboard(storage.join(train_dir, "tensorboard")) if rank == 0 and t.tensorboard else None
+    trackers = open_trackers(cfg, train_dir, rank, start)
     if metrics_log:
         metrics_log.truncate_after(start)
         log.info("training %d pairs, %d steps of %d pairs (%d per worker x %d workers x %d accumulation), "
@@ -106,6 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
         if stats[STATS.index("nonfinite")] > 0 or not math.isfinite(grad_norm):
             if t.on_nonfinite_loss == "error":
                 _stop_nonfinite(step, bad_ids, rank, world, train_dir)
+                trackers.close()
                 return
             skipped += 1  # the batch is consumed, the weights stay as they were
         else:
@@ -124,16 +126,13 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics_log:
                 metrics_log.append(last)
                 log.info(_progress(last, total))
-            if board:
-                for key, value in last.items():
-                    if isinstance(value, float) and key != "epoch":
-                        board.add_scalar(key, value, step)
-                board.flush()
+            trackers.log(last, step)
         if step % t.checkpoint_every == 0 or step == total:
             _save(model, optimizer, scheduler, step, epoch, skipped, rank, t, train_dir, last)
 
     if eval_pairs is not None and start >= total:  # nothing left to train: still report the held-out numbers
         last = evaluate(model, eval_pairs, t, rank, world, pad_id, packed, device, autocast)
+    trackers.close()
     if t.save_policy:
         _save_policy(model, cfg, rank, storage.join(train_dir, "policy"))
     ray.train.report({**last, "done": True})
@@ -155,12 +154,6 @@ def lr_schedule(t: TrainConfig, total: int):
         return 1.0 - progress if t.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _tensorboard(folder: str):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(folder)
 
 
 def _tables(name: str):
