@@ -60,7 +60,7 @@ class Trackers:
     def log(self, metrics: dict, step: int) -> None:
         """One metrics.jsonl record. Its None values stand for non-finite ones: left out, as in a plot gap."""
         scalars = {key: float(value) for key, value in metrics.items()
-                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+                   if key != "step" and isinstance(value, (int, float))}
         for writer in self._writers:
             writer.log(scalars, step)
 
@@ -84,7 +84,7 @@ def open_trackers(cfg: Config, train_dir: str, rank: int, start: int) -> Tracker
     runs = json.loads(storage.read_text(runs_path)) if storage.exists(runs_path) else {}
     writers: list = []
     if "tensorboard" in names:
-        writers.append(_TensorBoard(train_dir, start))
+        writers.append(_TensorBoard(cfg, train_dir, start))
     for name, kind in (("wandb", _WandB), ("mlflow", _MLflow)):
         if name in names:
             writers.append(kind(cfg, train_dir, runs.get(name)))
@@ -98,12 +98,14 @@ def _project(cfg: Config, env_var: str) -> str:
 
 
 class _TensorBoard:
-    def __init__(self, train_dir: str, start: int) -> None:
+    def __init__(self, cfg: Config, train_dir: str, start: int) -> None:
         from tensorboardX import SummaryWriter
 
         # TensorBoard drops the events an earlier attempt wrote from purge_step on: those a stopped or
         # failed run logged after the checkpoint it resumes from, which it logs again.
         self._writer = SummaryWriter(storage.join(train_dir, "tensorboard"), purge_step=start + 1)
+        if start == 0:  # the resolved config in the Text tab, as a Markdown code block
+            self._writer.add_text("config", "".join(f"    {line}\n" for line in cfg.to_yaml().splitlines()), 0)
 
     def log(self, scalars: dict, step: int) -> None:
         for key, value in scalars.items():

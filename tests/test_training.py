@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_stop_and_resume_matches_uninterrupted(base, tmp_path, two_workers):
                   if r["type"] == "history") == list(range(1, 9))
     (mlflow_run,) = mlflow_runs(train_dir)
     assert [m.step for m in mlflow_history(train_dir, mlflow_run, "loss")] == list(range(1, 9))
-    assert sorted(step for (tag, step) in tensorboard_scalars(train_dir) if tag == "loss") == list(range(1, 9))
+    assert sorted(step for (tag, step) in tensorboard_values(train_dir) if tag == "loss") == list(range(1, 9))
 
 
 def test_worker_failure_recovers_exactly(base, tmp_path, two_workers):
@@ -187,12 +188,12 @@ def mlflow_history(train_dir, mlflow_run, key: str) -> list:
     return sorted(history, key=lambda m: m.step)
 
 
-def tensorboard_scalars(train_dir) -> dict:
-    """{(tag, step): value} of every event file: TFRecord framing (length, its CRC, data, its CRC) around
-    the Event protos that tensorboardX writes."""
+def tensorboard_values(train_dir) -> dict:
+    """{(tag, step): value} of every event file, a scalar's float or a text's string: TFRecord framing (length,
+    its CRC, data, its CRC) around the Event protos that tensorboardX writes."""
     from tensorboardX.proto.event_pb2 import Event
 
-    scalars = {}
+    values = {}
     for path in sorted((train_dir / "tensorboard").glob("events.out.tfevents.*")):
         data, at = path.read_bytes(), 0
         while at < len(data):
@@ -200,15 +201,16 @@ def tensorboard_scalars(train_dir) -> dict:
             event = Event.FromString(data[at + 12:at + 12 + length])
             at += 12 + length + 4
             for value in event.summary.value:
-                assert (value.tag, event.step) not in scalars, (value.tag, event.step)
-                scalars[value.tag, event.step] = value.simple_value
-    return scalars
+                assert (value.tag, event.step) not in values, (value.tag, event.step)
+                values[value.tag, event.step] = (value.simple_value if value.WhichOneof("value") == "simple_value"
+                                                 else value.tensor.string_val[0].decode())
+    return values
 
 
 def test_trackers_hold_rank_0s_metrics_records(two_workers):
     """train.report_to=[tensorboard, wandb, mlflow] on two workers. Each tracker holds one run, rank 0's (rank
     1 logging too would make two W&B folders and two MLflow runs), named run.name ("dpo"), with the resolved
-    config (train/config.yaml), and every number of every metrics.jsonl record but the step, at its step:
+    config (train/config.yaml; in TensorBoard as text at step 0), and every number of every metrics.jsonl record but the step, at its step:
     exactly in W&B and MLflow (float64), to float32 in TensorBoard. A record's None (a non-finite value)
     is left out; this run has none."""
     cfg, _, metrics = two_workers
@@ -235,7 +237,8 @@ def test_trackers_hold_rank_0s_metrics_records(two_workers):
         got = {m.step: m.value for m in mlflow_history(train_dir, mlflow_run, key)}
         assert got == {step: record[key] for step, record in expected.items() if key in record}, key
 
-    board = tensorboard_scalars(train_dir)
+    board = tensorboard_values(train_dir)
+    assert yaml.safe_load(textwrap.dedent(board.pop(("config/text_summary", 0)))) == resolved
     want = {(key, step): value for step, record in expected.items() for key, value in record.items()}
     assert board.keys() == want.keys()
     assert all(board[k] == np.float32(want[k]) for k in want)
