@@ -160,7 +160,10 @@ class TrainConfig(_LossKeys):
     # Pairs per length-sorted pool from which batches are cut (in global batches).
     length_group_batches: int = Field(8, ge=1)
     on_nonfinite_loss: Literal["error", "skip"] = "error"
-    tensorboard: bool = False
+    # Experiment trackers that rank 0 logs every metrics record to (dpo/trackers.py: where each one writes).
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    # The W&B project and the MLflow experiment; unset: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else raydpo.
+    tracker_project: Optional[str] = None
     save_policy: bool = True
 
     @model_validator(mode="after")
@@ -251,9 +254,16 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+# Keys that were replaced: an old config that sets one is told what to write instead.
+RETIRED_KEYS = {"train.tensorboard": "train.tensorboard is gone: list the trackers in train.report_to instead, "
+                                     "e.g. train.report_to: [tensorboard]"}
+
+
 def _describe(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
+    if kind == "extra_forbidden" and key in RETIRED_KEYS:
+        return RETIRED_KEYS[key]
     if kind == "extra_forbidden":
         section = ".".join(str(p) for p in err["loc"][:-1])
         known = _known_keys(err["loc"][:-1])

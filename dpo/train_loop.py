@@ -35,6 +35,7 @@ from dpo.config import Config, TrainConfig
 from dpo.forward import Layout, PolicyLogps, check_response_head, sequence_logps
 from dpo.losses import LossType, preference_loss
 from dpo.sharding import clip_grad_norm, gradient_sync, load_policy
+from dpo.trackers import Trackers, open_trackers
 
 log = logging.getLogger("raydpo.train")
 
@@ -71,7 +72,7 @@ class Worker:
     step: int = 0               # the last step done (restored from a checkpoint)
     skipped: int = 0            # batches skipped as non-finite up to `step`
     metrics_log: Optional[ckpt.MetricsLog] = None
-    board: Any = None
+    trackers: Optional[Trackers] = None  # train.report_to; a no-op on ranks other than 0
     plan: Optional[tuple[int, np.ndarray]] = None  # (epoch, its global batches)
 
     @property
@@ -104,6 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
         result = train_step(w, global_batch(w, step))
         if not result.finite and w.t.on_nonfinite_loss == "error":
             _stop_nonfinite(w, step, result.bad_pair_ids)
+            w.trackers.close()
             return
         w.step = step
         do_eval = w.eval_pairs is not None and (step == w.total_steps or (w.t.eval_every and step % w.t.eval_every == 0))
@@ -116,6 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
             _save(w, last)
     if w.eval_pairs is not None and not last:  # resumed with nothing left to train: still report held-out numbers
         last = evaluate(w)
+    w.trackers.close()
     if w.t.save_policy:
         _save_policy(w, storage.join(w.train_dir, "policy"))
     ray.train.report({**last, "done": True})
@@ -152,10 +155,10 @@ def setup(config: dict) -> Worker:
                steps_per_epoch=steps_per_epoch, total_steps=total,
                train_dir=storage.join(cfg.run.output_dir, "train"))
     _restore(w)
+    w.trackers = open_trackers(cfg, w.train_dir, rank, w.step)
     if rank == 0:
         w.metrics_log = ckpt.MetricsLog(storage.join(w.train_dir, "metrics.jsonl"))
         w.metrics_log.truncate_after(w.step)
-        w.board = _tensorboard(storage.join(w.train_dir, "tensorboard")) if t.tensorboard else None
         log.info("training %d pairs, %d steps of %d pairs (%d per worker x %d workers x %d accumulation), "
                  "%s layout, logits %s, resuming after step %d", len(train_pairs), total, w.global_batch,
                  t.batch_size, world, t.grad_accum, layout,
@@ -242,12 +245,6 @@ def lr_schedule(t: TrainConfig, total: int):
     return factor
 
 
-def _tensorboard(folder: str):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(folder)
-
-
 def _tables(name: str):
     shard = ray.train.get_dataset_shard(name)
     return [b for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
@@ -317,15 +314,11 @@ def _step_record(w: Worker, result: StepResult) -> dict:
 
 
 def _log(w: Worker, record: dict) -> None:
-    """metrics.jsonl, the progress line and TensorBoard, from rank 0."""
+    """metrics.jsonl, the progress line and the trackers (train.report_to), from rank 0."""
     if w.metrics_log:
         w.metrics_log.append(record)
         log.info(_progress(record, w.total_steps))
-    if w.board:
-        for key, value in record.items():
-            if isinstance(value, float) and key != "epoch":
-                w.board.add_scalar(key, value, record["step"])
-        w.board.flush()
+    w.trackers.log(record, record["step"])
 
 
 def _progress(m: dict, total: int) -> str:

@@ -8,6 +8,7 @@ this module turns config + datasets into a run and returns what it produced:
     {output_dir}/train/checkpoints/     step-N/ folders, COMPLETE-marked (see dpo.checkpoint)
     {output_dir}/train/ray/             Ray Train's run folder and its checkpoints
     {output_dir}/train/policy/          the trained model + tokenizer, Hugging Face format
+    {output_dir}/train/tensorboard/, wandb/, mlflow.db, tracker_runs.json   train.report_to's trackers (dpo.trackers)
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Optional
 import yaml
 
 from dpo import storage
-from dpo.checkpoint import read_metrics
+from dpo.checkpoint import complete_steps, read_metrics
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, check_model_folder, read_model_config
 from dpo.losses import LossType
+from dpo.trackers import RUNS_FILE, check_trackers
 
 log = logging.getLogger("raydpo.train")
 
@@ -64,6 +66,7 @@ def validate(cfg: Config, train: TrainData) -> None:
         raise UserError(f"train.prefix_sharing=on needs a 4D attention mask, which model.attn_implementation="
                         f"{cfg.model.attn_implementation} does not take; use sdpa or eager, or set "
                         "train.prefix_sharing=off")
+    check_trackers(cfg)
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
@@ -78,14 +81,13 @@ def _check_policy_context(cfg: Config) -> None:
 # Keys that may change between a run and its resumption: they do not alter what a step computes
 # (the layout and the logits path change only float rounding, dpo.forward).
 RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
-               "eval_every", "tensorboard", "save_policy", "cpus_per_worker", "prefix_sharing", "response_logits"}
+               "eval_every", "report_to", "tracker_project", "save_policy", "cpus_per_worker", "prefix_sharing",
+               "response_logits"}
 RUN_AND_MODEL_RESUME_SAFE = {"name", "logits_chunk_size"}  # run.name, model.logits_chunk_size
 
 
 def _check_resumable(cfg: Config, train_dir: str) -> None:
     """Refuse to continue checkpoints that another training config wrote."""
-    from dpo.checkpoint import complete_steps
-
     saved_path = storage.join(train_dir, "config.yaml")
     if not complete_steps(storage.join(train_dir, "checkpoints")) or not storage.exists(saved_path):
         return
@@ -150,6 +152,8 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
     t = cfg.train
     train_dir = storage.join(cfg.run.output_dir, "train")
     _check_resumable(cfg, train_dir)
+    if not complete_steps(storage.join(train_dir, "checkpoints")):
+        storage.delete_file(storage.join(train_dir, RUNS_FILE))  # a run that starts over gets new tracker runs
     cfg.save(storage.join(train_dir, "config.yaml"))
 
     ray.data.DataContext.get_current().enable_progress_bars = False

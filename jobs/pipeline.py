@@ -41,7 +41,7 @@ def build_model(cfg: Config, preset: str) -> None:
 def before_ray(cfg: Config, args) -> None:
     if args.build_model:
         build_model(cfg, args.build_model)
-    train_job.check_models(cfg)
+    train_job.check_before_ray(cfg)
 
 
 def main(argv=None) -> None:

@@ -15,6 +15,12 @@ EXAMPLES = ROOT / "examples" / "data"
 # ../shared beside the checkout; tests that need it skip when it is absent.
 HH_TEST = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
+# Tracker runs stay in each run's own folder, offline, whatever the developer's shell says. Set before any
+# Ray starts, so that its workers inherit it.
+os.environ["WANDB_MODE"] = "offline"
+for _var in ("WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    os.environ.pop(_var, None)
+
 
 def pytest_sessionstart(session):
     """In CI the vLLM tests must run, not skip: fail the run when vLLM or a model class cannot be imported."""

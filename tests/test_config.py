@@ -33,6 +33,11 @@ def test_overrides_are_yaml_scalars_and_lists():
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1]"], "train.loss_weights has 1 entries"),
     (["train.num_workers"], "is not key=value"),
     (["train.num_workers.x=1"], "config key 'train.num_workers': input should be a valid integer"),
+    # The knob train.report_to replaced: an old config is told what to write instead.
+    (["train.tensorboard=true"], "train.tensorboard is gone: list the trackers in train.report_to instead, "
+                                 "e.g. train.report_to: [tensorboard]"),
+    (["train.report_to=[wandb,comet]"], "config key 'train.report_to.1': input should be 'tensorboard', 'wandb' "
+                                        "or 'mlflow' (got 'comet')"),
 ])
 def test_mistakes_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
