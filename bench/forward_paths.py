@@ -2,6 +2,7 @@
 
     python bench/forward_paths.py [--presets small,medium] [--pairs 64] [--steps 6] [--batch-size 4]
                                   [--max-length 512] [--threads 2] [--score-pairs 64]
+                                  [--sides today,shared,response,new]
 
 Sides, on the same model, the same pairs and the same batches:
 
@@ -131,7 +132,7 @@ def train_speed(args, model_dir) -> dict:
 
     torch.set_num_threads(args.threads)
     pairs, plan = batches(args, model_dir)
-    sides = {name: Side(model_dir, name, args.chunk_size) for name in SIDES}
+    sides = {name: Side(model_dir, name, args.chunk_size) for name in args.sides.split(",")}
     seconds = {name: 0.0 for name in sides}
     tokens = 0
     for i in range(1 + args.steps):  # step 0 warms up
@@ -183,6 +184,7 @@ def main() -> None:
     ap.add_argument("--score-pairs", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=16384, help="reference.batch_tokens")
     ap.add_argument("--rounds", type=int, default=2, help="scoring rounds per side")
+    ap.add_argument("--sides", default=",".join(SIDES), help="training sides, comma-separated: " + ", ".join(SIDES))
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,7 +203,7 @@ def main() -> None:
         for preset in args.presets.split(","):
             model = build_local_model(os.path.join(tmp, preset), hh_texts(HH, limit=2000), preset=preset, seed=0)
             speed = train_speed(args, model)
-            for name in SIDES:
+            for name in speed:
                 cmd = [sys.executable, __file__, "--child", name, "--model", model] + sys.argv[1:]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 speed[name].update(json.loads(out.strip().splitlines()[-1]))
