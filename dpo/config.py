@@ -38,6 +38,9 @@ class RunConfig(_Section):
     name: str = "dpo"
     output_dir: str = "runs/dpo"
     seed: int = 0
+    # A read/tokenize/score stage that writes nothing for this long while tasks or actors wait
+    # for resources the cluster does not free fails, naming them (null: wait forever).
+    stall_timeout_s: Optional[float] = Field(600.0, gt=0)
 
 
 class DataConfig(_Section):
@@ -202,6 +205,9 @@ class DebugConfig(_Section):
 
     fail_at_step: Optional[int] = Field(None, ge=1)
     fail_scoring_after_batches: Optional[int] = Field(None, ge=0)
+    # An actor holding this many CPUs starts right after the precompute's resource check, as
+    # another job taking them would: the stall the check cannot foresee.
+    hold_cpus_after_check: Optional[float] = Field(None, gt=0)
 
 
 class Config(_Section):

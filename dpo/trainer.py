@@ -25,6 +25,7 @@ from dpo import storage
 from dpo.checkpoint import complete_steps, read_metrics
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, check_model_folder, read_model_config
+from dpo.job_cpus import refuse_unless_fits
 from dpo.losses import LossType
 from dpo.trackers import RUNS_FILE, check_trackers
 
@@ -67,6 +68,9 @@ def validate(cfg: Config, train: TrainData) -> None:
                         f"{cfg.model.attn_implementation} does not take; use sdpa or eager, or set "
                         "train.prefix_sharing=off")
     check_trackers(cfg)
+    refuse_unless_fits(t.num_workers * t.cpus_per_worker,
+                       f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
+                       f"{t.cpus_per_worker:g})", lower="train.num_workers or train.cpus_per_worker")
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "

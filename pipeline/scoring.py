@@ -15,13 +15,14 @@ import logging
 import os
 import uuid
 import warnings
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 
 from dpo import storage
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, read_model_config
+from dpo.job_cpus import refuse_unless_fits
 from pipeline.placement import GroupHostedScorer, release_placement_groups
 from pipeline.vllm_build import (INSTALL_CPU, INSTALL_CUDA, VLLMBuild, engine_environment, installed_vllm,
                                  require_vllm)
@@ -394,40 +395,28 @@ def check_cpu_kv_cache(cfg: Config, hf_config, key: str) -> None:
                         f"offers its tasks (at most {max(nodes) / 2**30:.1f} GiB); lower it")
 
 
+# Ray Data gives each read and tokenize task one CPU (its default for map tasks).
+TASK_CPUS = 1.0
+
+
 def check_pool_fits(cfg: Config) -> None:
-    """Refuse a pool that would take every CPU: the read and tokenize tasks feeding it would never run."""
-    import ray
+    """Refuse a pool that leaves no CPU for the read and tokenize tasks feeding it: they would never run.
 
-    if not ray.is_initialized():
-        return
-    cpus = ray.cluster_resources().get("CPU", 0)
-    wanted = cfg.reference.num_actors * cfg.reference.cpus_per_actor
-    if cpus and wanted >= cpus:
-        raise UserError(
-            f"the scoring pool takes {wanted:g} of the cluster's {cpus:g} CPUs (reference.num_actors x "
-            "reference.cpus_per_actor), leaving none to read and tokenize the input, so it would wait forever; "
-            "lower reference.num_actors or reference.cpus_per_actor (fractions such as 0.5 are fine)"
-        )
-
-
-def _restart_bound(max_restarts: int) -> Callable[[], dict]:
-    """Remote options of each scoring actor, applied over Ray Data's defaults when it starts.
-
-    Ray Data restarts a dead pool actor forever by default, so a deterministic
-    crash (an OOM on one batch) would loop. A bound makes the job fail with the
-    actor's cause: a task in flight is retried on the restarted actor, and fails
-    once the actor is dead for good.
+    Counts the CPUs this job can use (dpo.job_cpus), not the cluster's total: under
+    `ray job submit --entrypoint-num-cpus 1` on 2 CPUs the driver holds one and a
+    1-CPU actor the other.
     """
-
-    def fn() -> dict:
-        return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts > 0 else 0}
-
-    return fn
+    ref = cfg.reference
+    refuse_unless_fits(ref.num_actors * ref.cpus_per_actor + TASK_CPUS,
+                       f"the scoring pool (reference.num_actors={ref.num_actors} x reference.cpus_per_actor="
+                       f"{ref.cpus_per_actor:g}) and its read/tokenize tasks ({TASK_CPUS:g} CPU each)",
+                       lower="reference.num_actors or reference.cpus_per_actor (fractions such as 0.5 are fine)",
+                       fixed=TASK_CPUS)
 
 
 @contextlib.contextmanager
 def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
-    """Keyword arguments of `map_batches(ReferenceScorer, ...)` for the length of one scoring stage.
+    """Keyword arguments of `map_pool(ds, ReferenceScorer, ...)` for the length of one scoring stage.
 
     Tensor-parallel actors make placement groups that outlive them (see
     pipeline.placement): a job that scores twice (train, then eval, then
@@ -450,8 +439,26 @@ def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
             num_gpus=0 if grouped else ref.gpus_per_actor,
             batch_format="pyarrow",
             batch_size=ref.pairs_per_call,
-            ray_remote_args_fn=_restart_bound(ref.max_restarts),
+            # Ray Data restarts a dead pool actor forever by default, so a deterministic
+            # crash (an OOM on one batch) would loop. A bound makes the job fail with the
+            # actor's cause: a task in flight is retried on the restarted actor, and fails
+            # once the actor is dead for good.
+            max_restarts=ref.max_restarts,
+            max_task_retries=-1 if ref.max_restarts > 0 else 0,
         )
     finally:
         if grouped:
             release_placement_groups(prefix)
+
+
+def map_pool(ds, cls, pool: dict):
+    """`ds.map_batches(cls, **pool)`, `pool` from actor_pool, without a deprecation warning from Ray.
+
+    Ray 2.60's map_batches has no named parameter for the actors' max_restarts and
+    max_task_retries; it takes them only through **ray_remote_args or
+    ray_remote_args_fn, both deprecated. map_batches_internal, the developer API
+    that map_batches calls after its own checks (a batch_size of at least 1, which
+    actor_pool always sets), takes them as they are; Ray's own batch-inference
+    stages call it for the same reason.
+    """
+    return ds.map_batches_internal(cls, **pool)

@@ -346,7 +346,7 @@ def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_s
     """Ray Data restarts pool actors forever by default; actor_pool bounds it by reference.max_restarts."""
     import ray
 
-    from pipeline.scoring import actor_pool
+    from pipeline.scoring import actor_pool, map_pool
 
     class AlwaysCrashes:
         def __init__(self, **_):  # actor_pool's constructor arguments are ReferenceScorer's
@@ -358,7 +358,7 @@ def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_s
     cfg = _config(tiny_model, **{"reference.max_restarts": 1, "reference.pairs_per_call": 4})
     t0 = time.time()
     with pytest.raises(Exception) as info, actor_pool(cfg, str(tmp_path)) as pool:
-        ray.data.from_items([{"x": i} for i in range(8)]).map_batches(AlwaysCrashes, **pool).materialize()
+        map_pool(ray.data.from_items([{"x": i} for i in range(8)]), AlwaysCrashes, pool).materialize()
     assert time.time() - t0 < 120
     assert "died" in str(info.value).lower() or "ActorDiedError" in repr(info.value)
 
@@ -367,7 +367,7 @@ TP_POOLS = """
 import os, sys, ray
 from dpo.config import load_config
 from pipeline.placement import GroupHostedScorer
-from pipeline.scoring import actor_pool
+from pipeline.scoring import actor_pool, map_pool
 
 ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # 2 logical GPUs
 # The driver sees vLLM's CUDA build, which tensor parallelism runs on; the engine below stands in for it.
@@ -421,7 +421,7 @@ for stage, fail in (("train", "first-call"), ("eval", None), ("broken", "init"))
         with actor_pool(cfg, sys.argv[2]) as pool:
             pool["fn_constructor_kwargs"]["fail"] = fail
             prefix = pool["fn_constructor_kwargs"]["group_prefix"]
-            rows = ray.data.range(8).map_batches(Scorer, **pool).take_all()
+            rows = map_pool(ray.data.range(8), Scorer, pool).take_all()
         print(stage, "scored", sorted(r["score"] for r in rows) == list(range(8)), *groups(prefix), flush=True)
     except Exception as exc:
         print(stage, "failed", "engine failed to start" in str(exc), *groups(prefix), flush=True)

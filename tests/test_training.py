@@ -278,6 +278,21 @@ def test_fingerprint_mismatch_is_a_clean_error(base, tmp_path):
         find_datasets(cfg)
 
 
+def test_more_training_cpus_than_the_job_has_are_refused_before_any_worker(base, tmp_path):
+    """The suite's Ray has 2 CPUs and no job note (dpo.job_cpus), so the check counts all 2: 3 workers x 1 CPU
+    need 3 and would wait forever for the third. Lowering the workers can fit 2."""
+    overrides, scored = base
+    cfg = load_config(None, overrides + TRAIN + [f"run.output_dir={scored}", "train.num_workers=3",
+                                                 "train.batch_size=2"])
+    with pytest.raises(UserError) as info:
+        train(cfg, *find_datasets(cfg))
+    assert str(info.value) == (
+        "the training workers (train.num_workers=3 x train.cpus_per_worker=1) need 3 CPUs, but this job can use 2 "
+        "of the cluster's 2, so it would wait forever; lower train.num_workers or train.cpus_per_worker (to 2 CPUs "
+        "in all), or add CPUs to the cluster")
+    assert not os.path.exists(scored / "train" / "config.yaml"), "refused before training wrote anything"
+
+
 def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, tmp_path, ray_session):
     """Scoring and training agree: policy == reference gives margins 0 and loss ln 2 on real pairs."""
     cfg = load_config(None, [f"model.policy={tiny_model}", f"data.train_files=[{hh_pairs}]", "data.max_length=256",

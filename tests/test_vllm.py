@@ -139,11 +139,11 @@ def quickstart_vllm(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(README_LINE.split(), cwd=work, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return work, out.stdout
+    return work, out.stdout + out.stderr  # all the terminal showed
 
 
 def test_quickstart_line_scores_every_pair_once_as_hf_does(quickstart_vllm):
-    work, stdout = quickstart_vllm
+    work, terminal = quickstart_vllm
     model = str(work / "runs" / "quickstart" / "model")
     for split, folder in (("train", "reference"), ("eval", "reference_eval")):
         path = work / "runs" / "quickstart-vllm" / folder
@@ -155,7 +155,27 @@ def test_quickstart_line_scores_every_pair_once_as_hf_does(quickstart_vllm):
         assert manifest["counts"]["read"] == manifest["counts"]["kept"] + manifest["counts"]["rejected"]
         assert _worst_against_hf(rows, model) <= 1e-4, split
     assert (work / "runs" / "quickstart-vllm" / "train" / "policy" / "config.json").exists()
-    assert "eval/rewards/accuracies" in stdout
+    assert "eval/rewards/accuracies" in terminal
+
+
+# The quickstart's lines on the terminal, counted in a clean run: the log file's name, the model build, 2 per
+# scoring stage (its rows and shards, a progress report 30 s on), 2 summary tables of 14 lines, the training's
+# first line and 19 progress lines (186 steps, train.log_every=10), its table of 17 and the pipeline's of 6: 77
+# (76 with transformers scoring, whose eval stage ended within 30 s). Before the log file took the rest, the
+# transformers run printed 329 (Ray Data's progress every 10 s, Ray Train's reports, its placement group
+# monitor's warnings, the resolved config).
+TERMINAL_LINES = 90
+
+
+def test_the_quickstart_line_prints_what_a_user_reads_and_files_the_rest(quickstart_vllm):
+    work, terminal = quickstart_vllm
+    lines = terminal.splitlines()
+    assert len(lines) <= TERMINAL_LINES, terminal
+    logs = list((work / "runs" / "quickstart-vllm" / "logs").glob("pipeline-*.log"))
+    assert len(logs) == 1 and str(logs[0].relative_to(work)) in lines[0]
+    text = logs[0].read_text()
+    assert "resolved config" in text and "Reporting training result" in text, "what the terminal leaves out"
+    assert "RayDeprecationWarning: `ray_remote_args_fn`" not in text, "our own use of a deprecated Ray API"
 
 
 def test_training_from_vllm_scores_starts_at_ln2(quickstart_vllm, ray_session, tmp_path):
