@@ -63,12 +63,12 @@ class Worker:
     scheduler: Any
     train_pairs: Pairs
     eval_pairs: Optional[Pairs]
-    layout: Layout
     pad_id: int
     autocast: Any
     steps_per_epoch: int
     total_steps: int
     train_dir: str
+    layout: Layout = "padded"   # resolved by choose_layout once the model is restored
     step: int = 0               # the last step done (restored from a checkpoint)
     skipped: int = 0            # batches skipped as non-finite up to `step`
     metrics_log: Optional[ckpt.MetricsLog] = None
@@ -147,21 +147,22 @@ def setup(config: dict) -> Worker:
     model = ray.train.torch.prepare_model(policy, parallel_strategy="ddp") if t.strategy == "ddp" else policy
     # Before any forward: FSDP2's lazy initialisation at the first one re-registers the root's parameters.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    check_response_head(model, policy, device, autocast)
-    layout = choose_layout(t, model, policy.lm, train_pairs, pad_id, device, autocast)
     w = Worker(cfg=cfg, rank=rank, world=world, device=device, model=model, policy=policy, optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total)),
-               train_pairs=train_pairs, eval_pairs=eval_pairs, layout=layout, pad_id=pad_id, autocast=autocast,
+               train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, autocast=autocast,
                steps_per_epoch=steps_per_epoch, total_steps=total,
                train_dir=storage.join(cfg.run.output_dir, "train"))
     _restore(w)
+    # After the restore: a forward leaves FSDP2's root unsharded, and a sharded state dict cannot load into that.
+    check_response_head(model, policy, device, autocast)
+    w.layout = choose_layout(t, model, policy.lm, train_pairs, pad_id, device, autocast)
     w.trackers = open_trackers(cfg, w.train_dir, rank, w.step)
     if rank == 0:
         w.metrics_log = ckpt.MetricsLog(storage.join(w.train_dir, "metrics.jsonl"))
         w.metrics_log.truncate_after(w.step)
         log.info("training %d pairs, %d steps of %d pairs (%d per worker x %d workers x %d accumulation), "
                  "%s layout, logits %s, resuming after step %d", len(train_pairs), total, w.global_batch,
-                 t.batch_size, world, t.grad_accum, layout,
+                 t.batch_size, world, t.grad_accum, w.layout,
                  "at response positions only" if policy.response_only else "at every position", w.step)
     model.train()
     return w
