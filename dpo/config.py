@@ -15,7 +15,7 @@ import typing
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from dpo.loss_options import LOSS_OPTION_NAMES, LossOptions
 
@@ -182,6 +182,12 @@ class TrainConfig(_LossKeys):
             named = re.match(r"\w+", msg).group() in {"loss_type", "beta", "label_smoothing", *LOSS_OPTION_NAMES}
             raise ValueError(f"train.{msg}" if named else f"train.loss_type: {msg}") from None
         return self
+
+    @field_validator("packing", "prefix_sharing", "response_logits", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        # YAML 1.1 reads a bare on/off as a boolean: `train.prefix_sharing=off` means the string.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_layout(self) -> "TrainConfig":

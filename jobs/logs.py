@@ -162,8 +162,13 @@ class JobLog:
             undo()
         self.stream.close()
         if self.local != self.path:
-            with open(self.local, "rb") as fh:
-                storage.write_bytes(self.path, fh.read())
+            try:
+                with open(self.local, "rb") as fh:
+                    storage.write_bytes(self.path, fh.read())
+            except OSError as exc:  # the job's own outcome, not the log's upload, is what the user must see
+                print(f"warning: the job's log could not be written to {self.path} ({exc}); it stays at {self.local}",
+                      file=sys.stderr)
+                return
             os.remove(self.local)
 
 

@@ -99,3 +99,15 @@ def test_loss_mistakes_name_their_train_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert str(err.value).startswith(message)
+
+
+def test_on_and_off_switches_survive_yaml_booleans(tmp_path):
+    """YAML 1.1 reads a bare off as False: in an override and in a file, train.prefix_sharing=off is still "off"."""
+    cfg = load_config(None, ["train.prefix_sharing=off", "train.packing=on", "train.response_logits=off"])
+    assert (cfg.train.prefix_sharing, cfg.train.packing, cfg.train.response_logits) == ("off", "on", "off")
+    (tmp_path / "c.yaml").write_text("train:\n  prefix_sharing: off\n")
+    assert load_config(str(tmp_path / "c.yaml")).train.prefix_sharing == "off"
+    with pytest.raises(ConfigError, match="train.response_logits"):
+        load_config(None, ["train.response_logits=on"])
+    with pytest.raises(ConfigError, match="train.packing=on and train.prefix_sharing=on"):
+        load_config(None, ["train.packing=on", "train.prefix_sharing=on"])
