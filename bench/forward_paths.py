@@ -38,19 +38,12 @@ import tempfile
 import time
 
 from hh import HH, hh_texts, load_pairs
+from train_throughput import hh_pairs, status_mib
 
 from dpo.config import DataConfig
 
 SIDES = {"today": ("padded", False), "shared": ("shared", False), "response": ("padded", True),
          "new": ("shared", True)}
-
-
-def status_mib(field: str) -> float:
-    with open("/proc/self/status", encoding="utf-8") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def reset_peak() -> None:
@@ -61,22 +54,9 @@ def reset_peak() -> None:
 
 
 def batches(args, model_dir):
-    import numpy as np
+    from dpo.batching import epoch_plan
 
-    from dpo.batching import Pairs, epoch_plan
-    from pipeline.tokenize import load_tokenizer
-
-    import pyarrow as pa
-
-    raw = load_pairs(args.pairs, load_tokenizer(model_dir),
-                     DataConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2))
-    rng = np.random.default_rng(0)
-    pairs = Pairs.from_tables([pa.table({
-        "pair_id": [f"{i:06d}" for i in range(len(raw))],
-        "prompt_ids": [p for p, _, _ in raw], "chosen_ids": [c for _, c, _ in raw],
-        "rejected_ids": [r for _, _, r in raw],
-        "ref_chosen_logp": rng.normal(-100, 10, len(raw)), "ref_rejected_logp": rng.normal(-100, 10, len(raw)),
-    })])
+    pairs = hh_pairs(args, model_dir)
     # Shuffled, not length-grouped: batches of mixed lengths, as a pool of 1 gives.
     return pairs, epoch_plan(pairs.tokens, args.batch_size, 1, seed=0, epoch=0)
 

@@ -54,25 +54,33 @@ def reset_peak() -> None:
         fh.write("5")
 
 
-def setup(args, model_dir):
+def hh_pairs(args, model_dir):
+    """`args.pairs` HH pairs as training reads them (dpo.batching.Pairs), cut to `args.max_length`."""
     import pyarrow as pa
-    import torch
 
-    from dpo.batching import Pairs, epoch_plan
+    from dpo.batching import Pairs
     from pipeline.tokenize import load_tokenizer
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     raw = load_pairs(args.pairs, load_tokenizer(model_dir),
                      DataConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2))
     rng = np.random.default_rng(0)
-    pairs = Pairs.from_tables([pa.table({
+    return Pairs.from_tables([pa.table({
         "pair_id": [f"{i:06d}" for i in range(len(raw))],
         "prompt_ids": [p for p, _, _ in raw], "chosen_ids": [c for _, c, _ in raw],
         "rejected_ids": [r for _, _, r in raw],
         # stand-ins for cached scores: the cost of reading them is what is measured
         "ref_chosen_logp": rng.normal(-100, 10, len(raw)), "ref_rejected_logp": rng.normal(-100, 10, len(raw)),
     })])
+
+
+def setup(args, model_dir):
+    import torch
+
+    from dpo.batching import epoch_plan
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    pairs = hh_pairs(args, model_dir)
     return pairs, epoch_plan(pairs.tokens, args.batch_size, 8, seed=0, epoch=0)
 
 
