@@ -16,7 +16,8 @@ runs this file.) Phases, each reusing what an earlier call left in --work:
   with reference.backend=vllm in bfloat16 and float32, verify_reference of
   each against transformers on the same GPU, and 1-worker bf16 training from
   the bf16 vLLM-scored dataset (first-step loss against ln 2, tokens/s, MFU),
-  then a short run of the same with train.strategy=fsdp.
+  then short runs of the same with train.strategy=fsdp, and with
+  flex_attention and train.prefix_sharing=on (the prompt once per pair).
 
 Everything lands in --out: gpu_check.json (all numbers so far, also those of
 earlier calls), gpu_check.md (the tables for docs/benchmarks.md) and
@@ -197,14 +198,23 @@ def phase_jobs(args, out: Path) -> dict:
             params = count_params(str(Path(args.work) / "model"))
             run([sys.executable, "-m", "jobs.train", "--config", str(config), *common], out)
             results[dtype]["train"] = train_summary(run_dir / "train" / "metrics.jsonl", params, peak_flops(dtype))
-            # The sharded path on CUDA (NCCL mesh, meta-device start), briefly: one worker, same first step.
-            fsdp_dir = run_dir.with_name(run_dir.name + "-fsdp")
-            shutil.rmtree(fsdp_dir, ignore_errors=True)
-            shutil.copytree(run_dir / "reference", fsdp_dir / "reference")
-            run([sys.executable, "-m", "jobs.train", "--config", str(config), f"model.dtype={dtype}",
-                 f"run.output_dir={fsdp_dir}", "train.strategy=fsdp", f"train.max_steps={args.fsdp_steps}"], out)
-            results[dtype]["train_fsdp"] = train_summary(fsdp_dir / "train" / "metrics.jsonl", params,
-                                                         peak_flops(dtype))
+            variants = {
+                # The sharded path on CUDA (NCCL mesh, meta-device start), briefly: one worker, same first step.
+                "train_fsdp": ["train.strategy=fsdp", f"train.max_steps={args.fsdp_steps}"],
+                # The prompt once per pair under FlexAttention's block mask (no backward on CPU): against the
+                # padded sdpa run above, it decides whether train.prefix_sharing=auto should share on GPU.
+                "train_flex_shared": ["model.attn_implementation=flex_attention", "train.prefix_sharing=on",
+                                      f"train.max_steps={args.fsdp_steps}"],
+            }
+            for key, overrides in variants.items():
+                if args.cpu and key == "train_flex_shared":
+                    continue
+                variant_dir = run_dir.with_name(f"{run_dir.name}-{key}")
+                shutil.rmtree(variant_dir, ignore_errors=True)
+                shutil.copytree(run_dir / "reference", variant_dir / "reference")
+                run([sys.executable, "-m", "jobs.train", "--config", str(config), f"model.dtype={dtype}",
+                     f"run.output_dir={variant_dir}", *overrides], out)
+                results[dtype][key] = train_summary(variant_dir / "train" / "metrics.jsonl", params, peak_flops(dtype))
     return results
 
 
@@ -235,7 +245,8 @@ def markdown(report: dict) -> str:
                   f"- verify_reference against hf, {v['pairs']} pairs: per-token |diff| mean {v['per_token_mean']:.3g}, "
                   f"p99 {v['per_token_p99']:.3g}, max {v['per_token_max']:.3g}; max per pair {v['per_pair_max']:.3g}; "
                   f"{'within' if v['within_default'] else 'OUTSIDE'} the default tolerance {v['default_tolerance']:g}"]
-        for key, name in (("train", "train"), ("train_fsdp", "train with train.strategy=fsdp")):
+        for key, name in (("train", "train"), ("train_fsdp", "train with train.strategy=fsdp"),
+                          ("train_flex_shared", "train with flex_attention and train.prefix_sharing=on")):
             if key not in r:
                 continue
             t = r[key]

@@ -9,7 +9,7 @@
 #   run(command="true", carry=[".vllm-1", ".hh"]); run(command="true", carry=[".vllm-2"]) ... up to .vllm-(N-1)
 #   run(command="bash .vllm-1/install-vllm.sh /tmp/site && touch /tmp/site/.installed", carry=[".vllm-N"])
 #   run(command="bash bench/gpu_check.sh --phases model,score --out $OUT")                  # ~8 min
-#   run(command="bash bench/gpu_check.sh --phases jobs --dtypes bfloat16 --out $OUT")       # ~6 min (with 30 fsdp steps)
+#   run(command="bash bench/gpu_check.sh --phases jobs --dtypes bfloat16 --out $OUT")       # ~7 min (30 fsdp, 30 flex steps; estimate)
 #   run(command="bash bench/gpu_check.sh --phases jobs --dtypes float32 --out $OUT")        # ~3 min
 # The report grows in /tmp/gpu_check across calls; each call's $OUT gets all of it so far.
 set -euo pipefail

@@ -134,7 +134,7 @@ def choose_layout(t: TrainConfig, model, lm, pairs: Pairs, pad_id: int, device, 
     honours packed position ids. prefix_sharing: auto shares the prompt where
     it was measured to be faster (docs/benchmarks.md): on CPU, where eager and
     sdpa attention take its 4D mask. On GPU it stays off unless asked for
-    until it is measured there.
+    (with flex_attention) until it is measured there.
     """
     attention = str(getattr(lm.config, "_attn_implementation", "") or "")
     if t.packing == "on" or (t.packing == "auto" and attention.startswith("flash")

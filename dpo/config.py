@@ -155,7 +155,8 @@ class TrainConfig(_LossKeys):
     # it pays: under flash attention, which takes packed position_ids without a dense T x T mask.
     packing: Literal["auto", "on", "off"] = "auto"
     # One row per pair, prompt + chosen + rejected, the prompt computed once (dpo.forward); auto turns it on
-    # where it was measured to be faster: on CPU, under eager or sdpa attention (docs/benchmarks.md).
+    # where it was measured to be faster: on CPU, under eager or sdpa attention (docs/benchmarks.md). On GPU
+    # `on` with model.attn_implementation=flex_attention takes its mask without a dense T x T tensor.
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
     # auto: the output head runs only at the positions that predict a response token, where the model
     # allows it (dpo.forward checks); off: at every position, as a plain forward does.

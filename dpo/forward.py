@@ -7,9 +7,12 @@ A batch of b pairs is laid out in one of three ways (`lay_out`):
   for each (transformers then masks it block-diagonally; only flash attention's
   varlen kernels turn that into less work);
 - shared: b rows of prompt+chosen+rejected. The prompt is computed once per
-  pair. The rejected reply's position ids restart at len(prompt), and a 4D mask
+  pair. The rejected reply's position ids restart at len(prompt), and the mask
   lets it see the prompt and itself, never the chosen reply, so each reply sees
-  exactly what it would see alone.
+  exactly what it would see alone. The layout carries each position's segment
+  (prompt, chosen, rejected, padding); the forward turns that into the mask its
+  attention takes: a dense 4D one for eager and sdpa, a FlexAttention BlockMask
+  (no [T, T] tensor) for flex_attention.
 
 Whatever the layout, `score_index` lists the flat positions of the [rows, T]
 grid whose next token is a response token (`score_targets`), and
@@ -36,6 +39,7 @@ from dpo.logprobs import chunked_token_logps, gathered_token_logps
 log = logging.getLogger("raydpo.train")
 
 Layout = Literal["padded", "packed", "shared"]
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # the shared layout's segments
 # (prompt ids, chosen ids, rejected ids) of one pair
 Triple = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
@@ -43,8 +47,9 @@ Triple = tuple[Sequence[int], Sequence[int], Sequence[int]]
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor                 # [rows, T]
-    attention_mask: Optional[torch.Tensor]  # padded: [rows, T]; shared: [rows, 1, T, T] bool, True = may attend
+    attention_mask: Optional[torch.Tensor]  # padded: [rows, T]
     position_ids: Optional[torch.Tensor]    # packed and shared: [rows, T]
+    segments: Optional[torch.Tensor]        # shared: [rows, T] int8, PROMPT, CHOSEN, REJECTED or PADDING
     score_index: torch.Tensor               # [N] flat positions of [rows, T] that predict a response token
     score_targets: torch.Tensor             # [N] the token each predicts
     score_sequence: torch.Tensor            # [N] its sequence: chosen of pair k is k, rejected is b + k
@@ -78,24 +83,19 @@ def lay_out(pairs: Sequence[Triple], pad_id: int, layout: Layout) -> ModelInputs
 
     if layout == "shared":
         width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
-        segments = np.full((b, width), 3, dtype=np.int8)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+        segments = np.full((b, width), PADDING, dtype=np.int8)
         positions = np.zeros((b, width), dtype=np.int64)
         for k, (p, c, r) in enumerate(pairs):
             n, m, q = len(p), len(c), len(r)
-            segments[k, :n], segments[k, n:n + m], segments[k, n + m:n + m + q] = 0, 1, 2
+            segments[k, :n], segments[k, n:n + m], segments[k, n + m:n + m + q] = PROMPT, CHOSEN, REJECTED
             positions[k, :n + m] = np.arange(n + m)
             positions[k, n + m:n + m + q] = n + np.arange(q)
             before = k * width + n - 1 if n else None
             score(k, c, k * width + n + np.arange(m), before)
             score(b + k, r, k * width + n + m + np.arange(q), before)
-        seg = torch.from_numpy(segments)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        rejected_sees_chosen = (seg[:, :, None] == 2) & (seg[:, None, :] == 1)
-        # A padding key is seen by nobody but itself: no query row is empty, so none turns into NaN.
-        padding_key = (seg[:, None, :] == 3) & ~torch.eye(width, dtype=torch.bool)
-        allowed = (causal & ~rejected_sees_chosen & ~padding_key)[:, None]
         ids = _pad([np.concatenate([p, c, r]) for p, c, r in pairs], width, pad_id)
-        return _inputs(ids, allowed, torch.from_numpy(positions), index, targets, sequence, b)
+        return _inputs(ids, None, torch.from_numpy(positions), index, targets, sequence, b,
+                       segments=torch.from_numpy(segments))
 
     sequences = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     if layout == "packed":
@@ -125,9 +125,9 @@ def _pad(rows: list[np.ndarray], width: int, pad_id: int) -> torch.Tensor:
     return torch.from_numpy(ids)
 
 
-def _inputs(ids, mask, positions, index, targets, sequence, b) -> ModelInputs:
+def _inputs(ids, mask, positions, index, targets, sequence, b, segments=None) -> ModelInputs:
     cat = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
-    return ModelInputs(ids, mask, positions, cat(index), cat(targets), cat(sequence), b)
+    return ModelInputs(ids, mask, positions, segments, cat(index), cat(targets), cat(sequence), b)
 def response_head_parts(lm: torch.nn.Module) -> Optional[tuple[torch.nn.Module, torch.nn.Module]]:
     """(body, output head) of a transformers causal LM, or None where it does not expose them."""
     get_decoder = getattr(lm, "get_decoder", None)
@@ -163,7 +163,7 @@ class PolicyLogps(torch.nn.Module):
         The per-token values are float32; their sum is taken in float64, which
         keeps a sum over thousands of tokens as exact as its terms.
         """
-        mask = _attention_mask(inputs.attention_mask, self.lm.config)
+        mask = inputs.attention_mask if inputs.segments is None else shared_mask(inputs.segments, self.lm.config)
         model_inputs = dict(input_ids=inputs.input_ids, attention_mask=mask, position_ids=inputs.position_ids,
                             use_cache=False)
         if full_logits or not self.response_only:
@@ -178,14 +178,36 @@ class PolicyLogps(torch.nn.Module):
         return totals.index_add(0, inputs.score_sequence, logps.double())
 
 
-def _attention_mask(mask: Optional[torch.Tensor], config) -> Optional[torch.Tensor]:
-    """The shared layout's boolean 4D mask in the form the attention implementation adds or reads."""
-    if mask is None or mask.dim() != 4:
-        return mask
-    if getattr(config, "_attn_implementation", "eager") == "eager":  # eager adds the mask to the scores
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-            ~mask, torch.finfo(torch.float32).min)
-    return mask  # sdpa takes the boolean mask as it is
+def may_attend(query_segment, key_segment, query, key):
+    """The shared layout's rule, elementwise: may the token at `query` attend to the one at `key`?
+
+    Causal, except that a rejected token never sees a chosen one, and a padding
+    key is seen by nobody but itself (so that no query row is empty, which would
+    give NaN). Works on broadcast tensors and as a FlexAttention mask_mod.
+    """
+    return ((key <= query) & ~((query_segment == REJECTED) & (key_segment == CHOSEN))
+            & ~((key_segment == PADDING) & (key != query)))
+
+
+def shared_mask(segments: torch.Tensor, config):
+    """The mask of the shared layout in the form the model's attention takes."""
+    attention = getattr(config, "_attn_implementation", "eager")
+    rows, width = segments.shape
+    if attention == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(row, head, query, key):
+            return may_attend(segments[row, query], segments[row, key], query, key)
+
+        # On GPU the block mask is built compiled, a tile at a time, never as a dense [rows, T, T] tensor.
+        return create_block_mask(mask_mod, rows, None, width, width, device=segments.device,
+                                 _compile=segments.device.type == "cuda")
+    position = torch.arange(width, device=segments.device)
+    allowed = may_attend(segments[:, :, None], segments[:, None, :], position[:, None], position[None, :])[:, None]
+    if attention == "eager":  # eager adds the mask to the scores
+        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)
+    return allowed  # sdpa takes the boolean mask as it is
 
 
 def sequence_logps(model: torch.nn.Module, inputs: ModelInputs, *, average: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,9 +64,9 @@ def validate(cfg: Config, train: TrainData) -> None:
     check_model_folder(cfg.model.policy, "model.policy")
     _check_policy_context(cfg)
     if t.prefix_sharing == "on" and (cfg.model.attn_implementation or "").startswith("flash"):
-        raise UserError(f"train.prefix_sharing=on needs a 4D attention mask, which model.attn_implementation="
-                        f"{cfg.model.attn_implementation} does not take; use sdpa or eager, or set "
-                        "train.prefix_sharing=off")
+        raise UserError(f"train.prefix_sharing=on needs an attention that takes its mask, which "
+                        f"model.attn_implementation={cfg.model.attn_implementation} does not; use flex_attention "
+                        "(on GPU), sdpa or eager, or set train.prefix_sharing=off")
     check_trackers(cfg)
     refuse_unless_fits(t.num_workers * t.cpus_per_worker,
                        f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="

@@ -72,8 +72,9 @@ class HFScorer:
     """Reference log-probs with transformers, on CPU or one GPU.
 
     It runs dpo.forward's PolicyLogps, the training forward: one row per pair
-    (the prompt computed once) where the attention takes a 4D mask (eager,
-    sdpa), and the output head only at the positions that predict a response token.
+    (the prompt computed once) where the attention takes the shared layout's
+    mask (eager, sdpa, flex_attention), and the output head only at the
+    positions that predict a response token.
     """
 
     def __init__(self, model_path: str, *, dtype: str = "float32", batch_tokens: int = 16384,
@@ -98,7 +99,7 @@ class HFScorer:
         self.policy = PolicyLogps(lm, logits_chunk_size)
         check_response_head(self.policy, self.policy, self.device, contextlib.nullcontext())
         attention = str(getattr(lm.config, "_attn_implementation", "") or "")
-        self.layout = "shared" if attention in ("eager", "sdpa") else "padded"
+        self.layout = "shared" if attention in ("eager", "sdpa", "flex_attention") else "padded"
         self.batch_tokens = batch_tokens
         # Padding positions are masked out of attention and never scored, so any id will do.
         self.pad_id = lm.config.pad_token_id or 0

@@ -7,13 +7,15 @@ rows, logits at every position, read off where a response token is predicted.
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from dpo.config import DataConfig
-from dpo.forward import PolicyLogps, check_response_head, lay_out, sequence_logps
+from dpo.forward import (CHOSEN, PADDING, PROMPT, REJECTED, PolicyLogps, check_response_head, lay_out, sequence_logps,
+                         shared_mask)
 from pairs import tokenized
 
 LAYOUTS = ["padded", "packed", "shared"]
@@ -35,12 +37,31 @@ def test_shared_layout_by_hand():
     assert inputs.score_index.tolist() == [1, 1, 3]
     assert inputs.score_targets.tolist() == [7, 8, 9]
     assert inputs.score_sequence.tolist() == [0, 1, 1]
-    allowed = inputs.attention_mask[0, 0].int().tolist()
+    assert inputs.segments.tolist() == [[PROMPT, PROMPT, CHOSEN, REJECTED, REJECTED]]
+    allowed = shared_mask(inputs.segments, SimpleNamespace(_attn_implementation="sdpa"))[0, 0].int().tolist()
     assert allowed == [[1, 0, 0, 0, 0],
                        [1, 1, 0, 0, 0],
                        [1, 1, 1, 0, 0],
                        [1, 1, 0, 1, 0],
                        [1, 1, 0, 1, 1]]
+
+
+def test_a_padding_key_is_seen_by_itself_alone():
+    """Pairs ([5], [7], [8]) and ([4], [6], [2, 3]): the first row, 5 7 8, pads to width 4.
+
+    Its padding position 3 sees the row causally (0, 1, 2) and itself; no real token
+    sees it, and rows 0-2 are those of the by-hand example above, without a prompt
+    of two. Eager gets the same rule as 0 (attend) and float32's minimum (not).
+    """
+    inputs = lay_out([([5], [7], [8]), ([4], [6], [2, 3])], pad_id=0, layout="shared")
+    assert inputs.segments[0].tolist() == [PROMPT, CHOSEN, REJECTED, PADDING]
+    allowed = shared_mask(inputs.segments, SimpleNamespace(_attn_implementation="sdpa"))
+    assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0],
+                                            [1, 1, 0, 0],
+                                            [1, 0, 1, 0],
+                                            [1, 1, 1, 1]]
+    added = shared_mask(inputs.segments, SimpleNamespace(_attn_implementation="eager"))
+    assert torch.equal(added == 0, allowed) and set(added.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
 
 
 def test_padded_and_packed_layouts_by_hand():
@@ -93,6 +114,24 @@ def test_every_layout_and_the_response_head_equal_todays_path_on_hh(lm, hh):
                 got = policy(lay_out(hh, 0, layout), full_logits=full)
                 assert (got - today).abs().max() <= 1e-5, (layout, full, float((got - today).abs().max()))
     assert today.abs().min() > 10  # real sums, not zeros
+
+
+def test_flex_attention_scores_the_shared_layout_as_todays_path(tiny_model, lm, hh):
+    """The shared layout under transformers' flex_attention, whose mask is a BlockMask built from
+    `may_attend` rather than a dense [T, T] tensor: within 1e-5 of today's path on 24 HH pairs.
+
+    On CPU, FlexAttention runs forward only (no backward), so this is the scorer's case; training
+    with it needs a GPU (bench/gpu_check.py). A rejected reply that saw the chosen one would miss by
+    nats, not 1e-5.
+    """
+    from transformers import AutoModelForCausalLM
+
+    flex = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+                                                attn_implementation="flex_attention").eval()
+    with torch.no_grad():
+        today = PolicyLogps(lm, chunk_size=64)(lay_out(hh, 0, "padded"), full_logits=True)
+        got = PolicyLogps(flex, chunk_size=64)(lay_out(hh, 0, "shared"))
+    assert (got - today).abs().max() <= 1e-5, float((got - today).abs().max())
 
 
 def test_todays_path_is_the_plain_forward(lm, hh, independent_logp, tiny_model):
