@@ -1,13 +1,19 @@
 """From token-id pairs to model inputs: the epoch plan, padding and packing.
 
-Determinism over streaming: every rank holds the whole (token ids only) dataset,
+Determinism over streaming: every rank sees the whole (token ids only) dataset,
 sorted by pair id, and builds the same seeded plan of global batches for an
-epoch; rank r then takes its own slice of each global batch. Hence
+epoch from the pairs' lengths alone; rank r then takes its own slice of each
+global batch. Hence
 
 - a resumed run continues exactly where it stopped: the plan of an epoch is a
   function of (seed, epoch) alone, and a step number names a global batch;
 - 2 workers x batch b and 1 worker x batch 2b see the same global batches, so
   their gradients (the mean over the global batch) agree.
+
+Seeing is not copying: the dataset stays in Arrow's layout, each token column
+one int32 buffer of every pair's ids end to end plus their offsets, put once
+in Ray's object store by the driver; the ranks of a node map that one copy
+and read a pair's ids as a numpy view of it (see `Pairs`).
 
 One micro-batch of b pairs becomes 2b sequences, prompt+chosen rows first and
 prompt+rejected rows after, run through the model in one forward pass. Padded,
@@ -22,55 +28,123 @@ pairs), so `packing: auto` packs only under flash attention.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from dpo import schema
 from dpo.logprobs import sequence_logps, token_logps
 
 IGNORE = -100
-REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+class TokenLists:
+    """One column of token-id lists in Arrow's layout: row i is values[offsets[i]:offsets[i + 1]].
+
+    Both are views of the Arrow buffers (read-only when those are the object
+    store's shared memory): indexing returns an int32 view, copying nothing.
+    """
+
+    def __init__(self, column: pa.ChunkedArray):
+        array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+        self.offsets = array.offsets.to_numpy()
+        self.values = array.values.to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class PairIds:
+    """The pair_id column; ids[i] is a str, made on demand (a list of every id would cost ~60 bytes a pair)."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i) -> str:
+        return self.array[int(i)].as_py()
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
 
 
 @dataclass
 class Pairs:
-    """A whole dataset of tokenized pairs, sorted by pair id."""
+    """A whole dataset of tokenized pairs, sorted by pair id: views of a table that `pairs_table` laid out."""
 
-    pair_ids: list[str]
-    prompt: list[np.ndarray]
-    chosen: list[np.ndarray]
-    rejected: list[np.ndarray]
+    pair_ids: PairIds
+    prompt: TokenLists
+    chosen: TokenLists
+    rejected: TokenLists
     ref_chosen: Optional[np.ndarray]  # float64 [N]; None for a prepared (unscored) dataset
     ref_rejected: Optional[np.ndarray]
 
     def __len__(self) -> int:
         return len(self.pair_ids)
 
-    @property
+    @functools.cached_property
     def tokens(self) -> np.ndarray:
         """Tokens the pair puts through the model: both sequences, prompt counted twice."""
-        return np.array([2 * len(p) + len(c) + len(r) for p, c, r in zip(self.prompt, self.chosen, self.rejected)])
+        return 2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths
 
     @classmethod
-    def from_tables(cls, tables: Iterable[pa.Table]) -> "Pairs":
-        table = pa.concat_tables(list(tables)) if not isinstance(tables, pa.Table) else tables
-        table = table.sort_by("pair_id")  # the order of files and blocks must not matter
-        scored = all(c in table.column_names for c in REF_COLUMNS)
+    def from_table(cls, table: pa.Table) -> "Pairs":
+        """Zero-copy views of a table in `pairs_table`'s layout."""
+        scored = all(c in table.column_names for c in schema.SCORE_COLUMNS)
 
-        def ids(col: str) -> list[np.ndarray]:
-            return [np.asarray(v, dtype=np.int64) for v in table.column(col).to_pylist()]
+        def scores(col: str) -> Optional[np.ndarray]:
+            return table.column(col).chunk(0).to_numpy(zero_copy_only=False) if scored else None
 
         return cls(
-            pair_ids=table.column("pair_id").to_pylist(),
-            prompt=ids("prompt_ids"),
-            chosen=ids("chosen_ids"),
-            rejected=ids("rejected_ids"),
-            ref_chosen=table.column(REF_COLUMNS[0]).to_numpy().astype(np.float64) if scored else None,
-            ref_rejected=table.column(REF_COLUMNS[1]).to_numpy().astype(np.float64) if scored else None,
+            pair_ids=PairIds(table.column(schema.PAIR_ID)),
+            prompt=TokenLists(table.column(schema.PROMPT_IDS)),
+            chosen=TokenLists(table.column(schema.CHOSEN_IDS)),
+            rejected=TokenLists(table.column(schema.REJECTED_IDS)),
+            ref_chosen=scores(schema.REF_CHOSEN_LOGP),
+            ref_rejected=scores(schema.REF_REJECTED_LOGP),
         )
+
+    @classmethod
+    def from_tables(cls, tables: Union[pa.Table, Iterable[pa.Table]]) -> "Pairs":
+        table = tables if isinstance(tables, pa.Table) else pa.concat_tables(list(tables))
+        return cls.from_table(pairs_table(table.column, table.column_names))
+
+
+def pairs_table(read_column: Callable[[str], pa.ChunkedArray], names: Sequence[str]) -> pa.Table:
+    """The columns `names` of a dataset in the layout `Pairs` views: sorted by pair id (the order of
+    files and blocks must not matter), each column one contiguous array, token ids int32.
+
+    `read_column` gives one column at a time, so a caller reading from Parquet holds the laid-out
+    copy plus one column in flight, never two copies of the dataset. Lists and strings get 64-bit
+    offsets: one column of a large dataset holds more than 2**31 tokens.
+    """
+    ids = read_column(schema.PAIR_ID)
+    order = pc.sort_indices(ids)
+    columns = {}
+    for name in names:
+        column = ids if name == schema.PAIR_ID else read_column(name)
+        if pa.types.is_string(column.type):
+            column = column.cast(pa.large_string())
+        elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            column = column.cast(pa.large_list(pa.int32()))  # safe cast: datasets written with int64 ids read too
+        elif name in schema.SCORE_COLUMNS:
+            column = column.cast(schema.SCORES.field(name).type)
+        columns[name] = column.take(order).combine_chunks()
+    return pa.table(columns)
 
 
 def epoch_plan(tokens: np.ndarray, global_batch: int, pool_batches: int, seed: int, epoch: int) -> np.ndarray:
@@ -143,7 +217,7 @@ def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, packed: bool) -> MicroB
     )
     if packed:
         return MicroBatch(
-            input_ids=torch.from_numpy(np.concatenate(seqs))[None],
+            input_ids=torch.from_numpy(np.concatenate(seqs).astype(np.int64))[None],  # the ids are int32 views
             labels=torch.from_numpy(np.concatenate(labels))[None],
             attention_mask=None,
             position_ids=torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow.fs as pafs
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -50,9 +51,9 @@ def train_loop_per_worker(config: dict) -> None:
     train_dir = storage.join(cfg.run.output_dir, "train")
     ckpt.seed_everything(cfg.run.seed)
 
-    # Every rank reads the whole dataset (DataConfig(datasets_to_split=[])): see dpo.batching.
-    train_pairs = Pairs.from_tables(_tables("train"))
-    eval_pairs = Pairs.from_tables(_tables("eval")) if config["has_eval"] else None
+    # Every rank sees the whole dataset, mapped from the node's one copy in the object store: see dpo.batching.
+    train_pairs = Pairs.from_table(ray.get(config["train_pairs"]))
+    eval_pairs = Pairs.from_table(ray.get(config["eval_pairs"])) if config["eval_pairs"] is not None else None
     global_batch = t.batch_size * world * t.grad_accum
     steps_per_epoch = len(train_pairs) // global_batch
     total = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
@@ -161,11 +162,6 @@ def _tensorboard(folder: str):
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(folder)
-
-
-def _tables(name: str):
-    shard = ray.train.get_dataset_shard(name)
-    return [b for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
 
 
 def _pad_id(model) -> int:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import pyarrow as pa
 
-from dpo import storage
+from dpo import schema, storage
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, read_model_config
 from pipeline.placement import GroupHostedScorer, release_placement_groups
@@ -298,9 +298,9 @@ class ReferenceScorer:
         if self.fail_after is not None and self.batches >= self.fail_after:
             _die_once(self.fail_marker)
         kept = [i for i, r in enumerate(batch.column("reject").to_pylist()) if r is None]
-        prompts = batch.column("prompt_ids").to_pylist()
-        chosen = batch.column("chosen_ids").to_pylist()
-        rejected = batch.column("rejected_ids").to_pylist()
+        prompts = batch.column(schema.PROMPT_IDS).to_pylist()
+        chosen = batch.column(schema.CHOSEN_IDS).to_pylist()
+        rejected = batch.column(schema.REJECTED_IDS).to_pylist()
         seqs = [(prompts[i], chosen[i]) for i in kept] + [(prompts[i], rejected[i]) for i in kept]
         scores = self.scorer.score(seqs) if seqs else []
         ref_chosen: list[Optional[float]] = [None] * batch.num_rows
@@ -308,8 +308,10 @@ class ReferenceScorer:
         for k, i in enumerate(kept):
             ref_chosen[i], ref_rejected[i] = scores[k], scores[len(kept) + k]
         self.batches += 1
-        return (batch.append_column("ref_chosen_logp", pa.array(ref_chosen, pa.float64()))
-                .append_column("ref_rejected_logp", pa.array(ref_rejected, pa.float64())))
+        scored = {schema.REF_CHOSEN_LOGP: ref_chosen, schema.REF_REJECTED_LOGP: ref_rejected}
+        for column in schema.SCORES:
+            batch = batch.append_column(column, pa.array(scored[column.name], column.type))
+        return batch
 
 
 # --------------------------------------------------------------------------- driver side
