@@ -11,9 +11,9 @@ global batch. Hence
   their gradients (the mean over the global batch) agree.
 
 Seeing is not copying: the dataset stays in Arrow's layout, each token column
-one int32 buffer of every pair's ids end to end plus their offsets, put once
-in Ray's object store by the driver; the ranks of a node map that one copy
-and read a pair's ids as a numpy view of it (see `Pairs`).
+one int32 buffer of every pair's ids end to end plus an offset and a size per
+pair, put once in Ray's object store by the driver; the ranks of a node map
+that one copy and read a pair's ids as a numpy view of it (see `Pairs`).
 
 One micro-batch of b pairs becomes 2b sequences, prompt+chosen rows first and
 prompt+rejected rows after, run through the model in one forward pass. Padded,
@@ -44,33 +44,35 @@ IGNORE = -100
 
 
 class TokenLists:
-    """One column of token-id lists in Arrow's layout: row i is values[offsets[i]:offsets[i + 1]].
+    """One column of token-id lists as Arrow lays out a list view: row i is
+    values[offsets[i]:offsets[i] + sizes[i]], values being every row's ids end to end.
 
-    Both are views of the Arrow buffers (read-only when those are the object
-    store's shared memory): indexing returns an int32 view, copying nothing.
+    All three are views of the Arrow buffers (read-only when those are the
+    object store's shared memory): indexing returns an int32 view, copying nothing.
     """
 
-    def __init__(self, column: pa.ChunkedArray):
-        array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    def __init__(self, array: pa.LargeListViewArray):
         self.offsets = array.offsets.to_numpy()
+        self.sizes = array.sizes.to_numpy()
         self.values = array.values.to_numpy()
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.sizes)
 
     def __getitem__(self, i) -> np.ndarray:
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
+        start = self.offsets[i]
+        return self.values[start:start + self.sizes[i]]
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        return self.sizes
 
 
 class PairIds:
     """The pair_id column; ids[i] is a str, made on demand (a list of every id would cost ~60 bytes a pair)."""
 
-    def __init__(self, column: pa.ChunkedArray):
-        self.array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    def __init__(self, array: pa.Array):
+        self.array = array
 
     def __len__(self) -> int:
         return len(self.array)
@@ -84,7 +86,7 @@ class PairIds:
 
 @dataclass
 class Pairs:
-    """A whole dataset of tokenized pairs, sorted by pair id: views of a table that `pairs_table` laid out."""
+    """A whole dataset of tokenized pairs, sorted by pair id: views of the batch `pairs_batch` laid out."""
 
     pair_ids: PairIds
     prompt: TokenLists
@@ -102,18 +104,18 @@ class Pairs:
         return 2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> "Pairs":
-        """Zero-copy views of a table in `pairs_table`'s layout."""
-        scored = all(c in table.column_names for c in schema.SCORE_COLUMNS)
+    def from_batch(cls, batch: pa.RecordBatch) -> "Pairs":
+        """Zero-copy views of a batch that `pairs_batch` laid out."""
+        scored = all(c in batch.schema.names for c in schema.SCORE_COLUMNS)
 
         def scores(col: str) -> Optional[np.ndarray]:
-            return table.column(col).chunk(0).to_numpy(zero_copy_only=False) if scored else None
+            return batch.column(col).to_numpy(zero_copy_only=False) if scored else None
 
         return cls(
-            pair_ids=PairIds(table.column(schema.PAIR_ID)),
-            prompt=TokenLists(table.column(schema.PROMPT_IDS)),
-            chosen=TokenLists(table.column(schema.CHOSEN_IDS)),
-            rejected=TokenLists(table.column(schema.REJECTED_IDS)),
+            pair_ids=PairIds(batch.column(schema.PAIR_ID)),
+            prompt=TokenLists(batch.column(schema.PROMPT_IDS)),
+            chosen=TokenLists(batch.column(schema.CHOSEN_IDS)),
+            rejected=TokenLists(batch.column(schema.REJECTED_IDS)),
             ref_chosen=scores(schema.REF_CHOSEN_LOGP),
             ref_rejected=scores(schema.REF_REJECTED_LOGP),
         )
@@ -121,16 +123,20 @@ class Pairs:
     @classmethod
     def from_tables(cls, tables: Union[pa.Table, Iterable[pa.Table]]) -> "Pairs":
         table = tables if isinstance(tables, pa.Table) else pa.concat_tables(list(tables))
-        return cls.from_table(pairs_table(table.column, table.column_names))
+        return cls.from_batch(pairs_batch(table.column, table.column_names))
 
 
-def pairs_table(read_column: Callable[[str], pa.ChunkedArray], names: Sequence[str]) -> pa.Table:
-    """The columns `names` of a dataset in the layout `Pairs` views: sorted by pair id (the order of
-    files and blocks must not matter), each column one contiguous array, token ids int32.
+def pairs_batch(read_column: Callable[[str], pa.ChunkedArray], names: Sequence[str]) -> pa.RecordBatch:
+    """The columns `names` of a dataset in the layout `Pairs` views, sorted by pair id (the order of
+    files and blocks must not matter): each column one array, token ids one int32 buffer.
 
-    `read_column` gives one column at a time, so a caller reading from Parquet holds the laid-out
-    copy plus one column in flight, never two copies of the dataset. Lists and strings get 64-bit
-    offsets: one column of a large dataset holds more than 2**31 tokens.
+    Sorting moves no token: a token column becomes a list view (an offset and a size per row into
+    the values as read), and only those are put in pair-id order. `read_column` gives one column
+    at a time, so a caller that lets go of each once handed over (dict.pop) holds one copy of the
+    dataset plus the column in flight. Offsets are 64-bit: one column of a large dataset holds
+    more than 2**31 tokens. A RecordBatch, not a Table: pyarrow pickles a batch's buffers out of
+    band, which Ray's object store then hands to every reader zero-copy (Ray's own reducer for
+    Tables does not take list views).
     """
     ids = read_column(schema.PAIR_ID)
     order = pc.sort_indices(ids)
@@ -138,13 +144,18 @@ def pairs_table(read_column: Callable[[str], pa.ChunkedArray], names: Sequence[s
     for name in names:
         column = ids if name == schema.PAIR_ID else read_column(name)
         if pa.types.is_string(column.type):
-            column = column.cast(pa.large_string())
+            column = column.cast(pa.large_string()).combine_chunks()
         elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-            column = column.cast(pa.large_list(pa.int32()))  # safe cast: datasets written with int64 ids read too
-        elif name in schema.SCORE_COLUMNS:
+            # A safe cast to int32: datasets written with int64 ids read too.
+            lists = column.cast(pa.large_list(pa.int32())).combine_chunks()
+            offsets = lists.offsets.to_numpy()
+            column = pa.LargeListViewArray.from_arrays(offsets[:-1], np.diff(offsets), lists.values)
+        else:
+            column = column.combine_chunks()
+        if name in schema.SCORE_COLUMNS:
             column = column.cast(schema.SCORES.field(name).type)
-        columns[name] = column.take(order).combine_chunks()
-    return pa.table(columns)
+        columns[name] = column.take(order)
+    return pa.RecordBatch.from_pydict(columns)
 
 
 def epoch_plan(tokens: np.ndarray, global_batch: int, pool_batches: int, seed: int, epoch: int) -> np.ndarray:

@@ -52,8 +52,8 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt.seed_everything(cfg.run.seed)
 
     # Every rank sees the whole dataset, mapped from the node's one copy in the object store: see dpo.batching.
-    train_pairs = Pairs.from_table(ray.get(config["train_pairs"]))
-    eval_pairs = Pairs.from_table(ray.get(config["eval_pairs"])) if config["eval_pairs"] is not None else None
+    train_pairs = Pairs.from_batch(ray.get(config["train_pairs"]))
+    eval_pairs = Pairs.from_batch(ray.get(config["eval_pairs"])) if config["eval_pairs"] is not None else None
     global_batch = t.batch_size * world * t.grad_accum
     steps_per_epoch = len(train_pairs) // global_batch
     total = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)

@@ -101,25 +101,29 @@ def _with_absolute_paths(cfg: Config) -> Config:
 
 
 def read_pairs(data: TrainData):
-    """The columns training reads, laid out for dpo.batching.Pairs (sorted by pair id, one contiguous
-    array per column), read from Parquet one column at a time."""
-    from dpo.batching import pairs_table
+    """The columns training reads, laid out for dpo.batching.Pairs (sorted by pair id, each column
+    one array). Each column as read is let go once laid out: one copy of the data, plus one column."""
+    from dpo.batching import pairs_batch
 
-    def read(name: str):
-        return storage.read_parquet_files(data.folder, data.manifest["files"], columns=[name]).column(name)
-
-    table = pairs_table(read, schema.TOKEN_COLUMNS + (schema.SCORE_COLUMNS if data.scored else []))
+    names = schema.TOKEN_COLUMNS + (schema.SCORE_COLUMNS if data.scored else [])
+    table = storage.read_parquet_files(data.folder, data.manifest["files"], columns=names)
+    columns = {name: table.column(name) for name in names}
+    del table
+    batch = pairs_batch(columns.pop, names)
     if data.scored:
-        refuse_nonfinite_scores(data.folder, table)
-    return table
+        refuse_nonfinite_scores(data.folder, batch)
+    return batch
 
 
 def _put_pairs(data: TrainData):
     """The dataset in Ray's object store, once: every worker maps that copy (one per node) instead of
     holding its own, and this process keeps only the reference."""
+    import pyarrow as pa
     import ray
 
-    return ray.put(read_pairs(data))
+    ref = ray.put(read_pairs(data))
+    pa.default_memory_pool().release_unused()  # what reading and laying out freed, the allocator would keep
+    return ref
 
 
 def refuse_nonfinite_scores(folder: str, table) -> None:

@@ -101,7 +101,7 @@ def test_what_the_writer_writes_is_what_training_reads(clean):
     for name in manifest["files"]:
         written = pq.read_schema(os.path.join(folder, name)).remove_metadata()
         assert written.equals(schema.REFERENCE), (name, written)
-    pairs = Pairs.from_table(read_pairs(TrainData(folder, manifest)))
+    pairs = Pairs.from_batch(read_pairs(TrainData(folder, manifest)))
     rows = sorted(read_parquet_files(folder, manifest["files"]).to_pylist(), key=lambda r: r[schema.PAIR_ID])
     assert len(pairs) == len(rows) == 200
     for i, row in enumerate(rows):

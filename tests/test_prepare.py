@@ -89,7 +89,7 @@ def test_every_file_type_and_format(tmp_path, tok_dir):
     folder = os.path.join(cfg.run.output_dir, "prepared")
     for name in manifest["files"]:
         assert pq.read_schema(os.path.join(folder, name)).remove_metadata().equals(schema.PREPARED), name
-    pairs = Pairs.from_table(read_pairs(TrainData(folder, manifest)))
+    pairs = Pairs.from_batch(read_pairs(TrainData(folder, manifest)))
     assert pairs.ref_chosen is None
     by_id = {row["pair_id"]: row for file_rows in rows.values() for row in file_rows.values()}
     assert sorted(by_id) == list(pairs.pair_ids)

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from dpo.batching import (IGNORE, Pairs, collate, epoch_plan, packing_supported, pairs_table, policy_logps,
+from dpo.batching import (IGNORE, Pairs, collate, epoch_plan, packing_supported, pairs_batch, policy_logps,
                           rank_micro_batches)
 
 
@@ -29,17 +29,19 @@ def test_pairs_are_sorted_by_id_whatever_the_block_order():
     assert np.array_equal(a.ref_rejected, b.ref_rejected)
 
 
-def test_pairs_are_int32_views_and_lengths_come_from_offsets():
+def test_pairs_are_int32_views_and_sorting_moves_no_id():
     """Three pairs, ids out of order, ids as int64 lists (what the writer made before dpo.schema owned the types).
     Sorted by id: a (prompt [5, 6, 7], chosen [8], rejected [9, 10]), b ([11], [12, 13], [14]),
-    c ([], [15], [16, 17, 18]). tokens = 2 x prompt + chosen + rejected: 2*3+1+2 = 9, 2*1+2+1 = 5, 0+1+3 = 4;
-    the prompt column's offsets are 0, 3, 4, 4."""
+    c ([], [15], [16, 17, 18]). tokens = 2 x prompt + chosen + rejected: 2*3+1+2 = 9, 2*1+2+1 = 5, 0+1+3 = 4.
+    Sorting moves no id: the prompt values stay as read (b's 11, c's nothing, a's 5 6 7), and in id order
+    a starts at 1 with 3 ids, b at 0 with 1, c at 1 with 0."""
     pairs = Pairs.from_tables(pa.table({
         "pair_id": ["b", "c", "a"], "prompt_ids": [[11], [], [5, 6, 7]], "chosen_ids": [[12, 13], [15], [8]],
         "rejected_ids": [[14], [16, 17, 18], [9, 10]]}))
     assert list(pairs.pair_ids) == ["a", "b", "c"] and pairs.pair_ids[1] == "b" and len(pairs) == 3
     assert pairs.tokens.tolist() == [9, 5, 4]
-    assert pairs.prompt.offsets.tolist() == [0, 3, 4, 4]
+    assert pairs.prompt.values.tolist() == [11, 5, 6, 7]
+    assert pairs.prompt.offsets.tolist() == [1, 0, 1] and pairs.prompt.sizes.tolist() == [3, 1, 0]
     assert [pairs.prompt[i].tolist() for i in range(3)] == [[5, 6, 7], [11], []]
     assert pairs.rejected[2].tolist() == [16, 17, 18]
     assert pairs.chosen[1].dtype == np.int32 and pairs.chosen.values.dtype == np.int32
@@ -53,8 +55,8 @@ def test_ranks_map_the_object_stores_copy(ray_session):
     import ray
 
     table = random_pairs(8)
-    ref = ray.put(pairs_table(table.column, table.column_names))
-    first, second = Pairs.from_table(ray.get(ref)), Pairs.from_table(ray.get(ref))
+    ref = ray.put(pairs_batch(table.column, table.column_names))
+    first, second = Pairs.from_batch(ray.get(ref)), Pairs.from_batch(ray.get(ref))
     for column in ("prompt", "chosen", "rejected"):
         assert np.shares_memory(getattr(first, column).values, getattr(second, column).values), column
     local = Pairs.from_tables(table)
