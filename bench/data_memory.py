@@ -24,8 +24,11 @@ and Ray already loaded): private memory (RssAnon), shared memory mapped
 (RssShmem: the object store's pages, one copy per node whatever the ranks),
 their sum (RSS), each right after loading and again after reading every
 pair's ids once (as an epoch does), and the peak (VmHWM, reset when the loop
-starts). Time: the driver's part (read, lay out, put) once per run, and each
-rank's load. --sides new alone is what larger --pairs can afford.
+starts). The driver's part (read, lay out, put) happens once per run: its
+time, its peak RSS above where it started (which counts the object store's
+pages it wrote: the node's one copy), and what it holds after, private and
+shared. Wall times on a busy machine say little, so CPU seconds are given
+beside them. --sides new alone is what larger --pairs can afford.
 """
 
 from __future__ import annotations
@@ -189,6 +192,7 @@ def run_side(side: str, folder: str, files: list[str], n: int, workers: int, tmp
     from dpo.trainer import TrainData, _put_pairs
 
     gc.collect()
+    pa.default_memory_pool().release_unused()  # what an earlier side freed must not count as this one's
     reset_peak()
     before = status()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -211,7 +215,8 @@ def run_side(side: str, folder: str, files: list[str], n: int, workers: int, tmp
         with open(os.path.join(tmp, f"{side}-rank{r}.json"), encoding="utf-8") as fh:
             ranks.append(json.load(fh))
     return {"driver_s": driver_s, "driver_cpu_s": driver_cpu_s, "driver_peak_mib": after["VmHWM"] - before["VmRSS"],
-            "driver_held_mib": after["VmRSS"] - before["VmRSS"], "ranks": ranks}
+            "driver_private_mib": after["RssAnon"] - before["RssAnon"],
+            "driver_shared_mib": after["RssShmem"] - before["RssShmem"], "ranks": ranks}
 
 
 def report(n: int, tokens: int, results: dict) -> None:
@@ -221,7 +226,8 @@ def report(n: int, tokens: int, results: dict) -> None:
             ("driver: read + hand over (s)", lambda r: r["driver_s"]),
             ("driver: read + hand over, CPU (s)", lambda r: r["driver_cpu_s"]),
             ("driver: peak above start (MiB)", lambda r: r["driver_peak_mib"]),
-            ("driver: held after (MiB)", lambda r: r["driver_held_mib"]),
+            ("driver: private after (MiB)", lambda r: r["driver_private_mib"]),
+            ("driver: shared after (MiB)", lambda r: r["driver_shared_mib"]),
             ("rank: fetch (s), max", lambda r: max(x["fetch_s"] for x in r["ranks"])),
             ("rank: build Pairs (s), max", lambda r: max(x["build_s"] for x in r["ranks"])),
             ("rank: lengths + epoch plan (s), max", lambda r: max(x["plan_s"] for x in r["ranks"])),
