@@ -17,7 +17,7 @@ first epoch's plan, and measures itself:
   dpo.batching before this change, copied below for the comparison);
 - new: the driver lays the columns out once (dpo.trainer.read_pairs) and puts
   them in the object store (dpo.trainer._put_pairs); every rank maps that copy
-  and views it (dpo.batching.Pairs.from_table), as dpo.train_loop does.
+  and views it (dpo.batching.Pairs.from_batch), as dpo.train_loop does.
 
 Per rank, MiB above the rank's own memory when its loop starts (Python, torch
 and Ray already loaded): private memory (RssAnon), shared memory mapped

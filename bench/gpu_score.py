@@ -124,7 +124,8 @@ def main(argv=None) -> dict:
                              f"reference.gpu_memory_utilization={args.gpu_memory_utilization}"])
     pairs = load_pairs(10**9, load_tokenizer(args.model), cfg.data, Path(args.data))
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-    sample = random.Random(0).sample(seqs, min(args.sample, len(seqs)))
+    sampled_pairs = random.Random(0).sample(pairs, min(args.sample // 2, len(pairs)))
+    sample = [(p, c) for p, c, _ in sampled_pairs] + [(p, r) for p, _, r in sampled_pairs]
     tokens = sum(len(p) + len(r) for p, r in seqs)
     params = count_params(args.model)
     peak = peak_flops(args.dtype)
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
         result["transformers"] = transformers.__version__
         scorers["hf"] = HFScorer(args.model, dtype=args.dtype, batch_tokens=args.batch_tokens, device=device,
                                  attn_implementation=cfg.model.attn_implementation)
-    oracle_model = scorers["hf"].model if "hf" in scorers else None
+    oracle_model = scorers["hf"].policy.lm if "hf" in scorers else None
     if oracle_model is None:
         from transformers import AutoModelForCausalLM
 
@@ -157,11 +158,13 @@ def main(argv=None) -> dict:
     oracle = oracle_token_logps(oracle_model.eval(), sample, device)
 
     for name, scorer in scorers.items():
-        seconds = timed(scorer.score, seqs, args.rounds)
+        seconds = timed(scorer.score, pairs, args.rounds)
         rate = tokens * args.rounds / seconds
         # vLLM token by token; the batched hf scorer by its sums (what padding and batching change).
         per_token = scorer.token_logprobs(sample) if name == "vllm" else None
-        sums = [sum(t) for t in per_token] if per_token is not None else scorer.score(sample)
+        # In `sample`'s order: every chosen reply, then every rejected one.
+        sums = ([sum(t) for t in per_token] if per_token is not None
+                else [s for replies in zip(*scorer.score(sampled_pairs)) for s in replies])
         result["backends"][name] = {
             "seconds": round(seconds, 2), "tokens_per_s": round(rate),
             "mfu": round(2 * params * rate / peak, 4) if peak else None,

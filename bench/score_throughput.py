@@ -3,16 +3,16 @@
     python bench/score_throughput.py [--pairs 256] [--rounds 2] [--max-length 512] [--batch-size 8]
                                      [--batch-tokens 16384] [--threads 1] [--attn sdpa|eager]
 
-Both sides run the same model object in the same process on the same token ids
-and count the same tokens through `dpo.logprobs.token_logps`; only the
-batching differs:
+Both sides run the same model object in the same process on the same token ids;
+the batching and the forward differ:
 
 - naive (what TRL's precompute_ref_log_probs does): `--batch-size` pairs in
   file order, chosen and rejected stacked into one forward, padded to the
   longest of the batch;
 - ours (pipeline.scoring.HFScorer as the actor runs it): each call of
   `--pairs-per-call` pairs sorted by length and packed under `--batch-tokens`
-  (longest x count), right-padded.
+  (longest x count), right-padded, one row per pair (the prompt once) and
+  logits only where a response token is predicted (dpo.forward).
 
 The model is pipeline.models' "small" preset (~19M parameters) with its
 tokenizer trained on the HH file itself.
@@ -31,7 +31,6 @@ import torch
 from hh import HH, hh_texts, load_pairs
 
 from dpo.config import DataConfig
-from dpo.logprobs import token_logps
 from pipeline.models import build_local_model
 from pipeline.scoring import HFScorer, pack_by_tokens
 from pipeline.tokenize import load_tokenizer
@@ -51,8 +50,11 @@ def naive(model, pairs, batch_size: int, pad_id: int) -> list[float]:
             labels[row, len(p) : len(p) + len(r)] = torch.tensor(r)
             attention[row, : len(p) + len(r)] = 1
         with torch.inference_mode():
-            logps, _ = token_logps(model(input_ids=ids, attention_mask=attention).logits, labels)
-        sums = logps.double().sum(-1).tolist()
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            counted = targets != -100
+            picked = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
+        sums = torch.where(counted, picked, 0.0).double().sum(-1).tolist()
         n = len(chunk)
         out += [v for pair in zip(sums[:n], sums[n:]) for v in pair]
     return out
@@ -62,9 +64,7 @@ def ours(scorer: HFScorer, pairs, pairs_per_call: int) -> list[float]:
     out = []
     for start in range(0, len(pairs), pairs_per_call):
         chunk = pairs[start : start + pairs_per_call]
-        scores = scorer.score([(p, c) for p, c, _ in chunk] + [(p, r) for p, _, r in chunk])
-        n = len(chunk)
-        out += [v for pair in zip(scores[:n], scores[n:]) for v in pair]
+        out += [v for pair in scorer.score(chunk) for v in pair]
     return out
 
 
@@ -99,13 +99,13 @@ def main() -> None:
     pairs = load_pairs(args.pairs, tokenizer, data, Path(args.data))
 
     scorer = HFScorer(model_dir, batch_tokens=args.batch_tokens, device="cpu", attn_implementation=args.attn)
-    params = sum(p.numel() for p in scorer.model.parameters())
+    params = sum(p.numel() for p in scorer.policy.lm.parameters())
     real = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
-    scorer.score([pairs[0][:2]])  # warm-up: first-call allocations are not throughput
+    scorer.score(pairs[:1])  # warm-up: first-call allocations are not throughput
 
     # Alternating rounds (naive first, then ours first, ...) so that other load on
     # the machine falls on both sides alike; the times are summed over rounds.
-    runs = {"naive": lambda: naive(scorer.model, pairs, args.batch_size, scorer.pad_id),
+    runs = {"naive": lambda: naive(scorer.policy.lm, pairs, args.batch_size, scorer.pad_id),
             "ours": lambda: ours(scorer, pairs, args.pairs_per_call)}
     seconds = {"naive": 0.0, "ours": 0.0}
     scores = {}
@@ -119,12 +119,12 @@ def main() -> None:
     padded_ours = 0
     for start in range(0, len(pairs), args.pairs_per_call):
         chunk = pairs[start : start + args.pairs_per_call]
-        lengths = [len(p) + len(c) for p, c, _ in chunk] + [len(p) + len(r) for p, _, r in chunk]
+        lengths = [len(p) + len(c) + len(r) for p, c, r in chunk]  # one row per pair
         padded_ours += sum(lengths[b[0]] * len(b) for b in pack_by_tokens(lengths, args.batch_tokens))
     padded = {"naive": padded_tokens_naive(pairs, args.batch_size), "ours": padded_ours}
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; attention {scorer.model.config._attn_implementation}")
+          f"{torch.get_num_threads()} threads; attention {scorer.policy.lm.config._attn_implementation}")
     print(f"model: {params / 1e6:.1f}M params (preset small); {len(pairs)} HH pairs, max_length {args.max_length}, "
           f"{real} real tokens; {args.rounds} rounds")
     for name, secs in seconds.items():

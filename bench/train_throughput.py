@@ -4,7 +4,7 @@
                                      [--threads 1] [--preset small]
 
 Both sides run the loop of dpo.train_loop on one worker: the same batches
-(dpo.batching, padded), the same AdamW step, the same loss. They differ in where
+(dpo.batching, one row per pair), the same AdamW step, the same loss. They differ in where
 the reference log-probs come from:
 
 - cached (ours): read from the reference dataset, a column next to the token ids;
@@ -54,25 +54,33 @@ def reset_peak() -> None:
         fh.write("5")
 
 
-def setup(args, model_dir):
+def hh_pairs(args, model_dir):
+    """`args.pairs` HH pairs as training reads them (dpo.batching.Pairs), cut to `args.max_length`."""
     import pyarrow as pa
-    import torch
 
-    from dpo.batching import Pairs, epoch_plan
+    from dpo.batching import Pairs
     from pipeline.tokenize import load_tokenizer
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     raw = load_pairs(args.pairs, load_tokenizer(model_dir),
                      DataConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2))
     rng = np.random.default_rng(0)
-    pairs = Pairs.from_tables([pa.table({
+    return Pairs.from_tables([pa.table({
         "pair_id": [f"{i:06d}" for i in range(len(raw))],
         "prompt_ids": [p for p, _, _ in raw], "chosen_ids": [c for _, c, _ in raw],
         "rejected_ids": [r for _, _, r in raw],
         # stand-ins for cached scores: the cost of reading them is what is measured
         "ref_chosen_logp": rng.normal(-100, 10, len(raw)), "ref_rejected_logp": rng.normal(-100, 10, len(raw)),
     })])
+
+
+def setup(args, model_dir):
+    import torch
+
+    from dpo.batching import epoch_plan
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    pairs = hh_pairs(args, model_dir)
     return pairs, epoch_plan(pairs.tokens, args.batch_size, 8, seed=0, epoch=0)
 
 
@@ -83,26 +91,29 @@ class Side:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+        from dpo.forward import PolicyLogps
+
+        self.policy = PolicyLogps(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 1024).train()
         self.reference = None
         if live:
-            self.reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            self.reference = PolicyLogps(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                         1024).eval()
             self.reference.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-5)
 
     def step(self, mb) -> float:
         import torch
 
-        from dpo.batching import policy_logps
+        from dpo.forward import sequence_logps
         from dpo.losses import preference_loss
 
         t0 = time.perf_counter()
-        chosen, rejected = policy_logps(self.policy, mb, average=False)
+        chosen, rejected = sequence_logps(self.policy, mb.inputs, average=False)
         if self.reference is None:
             ref_c, ref_r = mb.ref_chosen, mb.ref_rejected
         else:
             with torch.no_grad():
-                ref_c, ref_r = policy_logps(self.reference, mb, average=False)
+                ref_c, ref_r = sequence_logps(self.reference, mb.inputs, average=False)
         preference_loss(chosen, rejected, ref_c, ref_r, loss_type="sigmoid", beta=0.1).losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.optimizer.step()
@@ -120,7 +131,7 @@ def child(args) -> None:
     base = status_mib("VmRSS")
     side = Side(args.model, live=args.child == "live")
     for i in range(3):
-        side.step(collate(pairs, plan[i % len(plan)], 0, packed=False))
+        side.step(collate(pairs, plan[i % len(plan)], 0, "shared"))
     peak = status_mib("VmHWM")
     print(json.dumps({"peak_rss_mib": peak, "train_mib": peak - base}))
 
@@ -134,7 +145,7 @@ def speed(args, model_dir) -> dict:
     times = {k: [] for k in sides}
     tokens = 0
     for i in range(args.warmup + args.steps):
-        mb = collate(pairs, plan[i % len(plan)], 0, packed=False)
+        mb = collate(pairs, plan[i % len(plan)], 0, "shared")
         for name, side in sides.items():
             elapsed = side.step(mb)
             if i >= args.warmup:

@@ -73,7 +73,7 @@ def child(args) -> None:
         scorer = HFScorer(args.model, batch_tokens=args.batch_tokens, device="cpu")
     startup = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = scorer.score(seqs)
+    scores = [s for replies in zip(*scorer.score(pairs)) for s in replies]  # every chosen, then every rejected
     scoring = time.perf_counter() - t0
     if args.child == "vllm":
         scorer.close()

@@ -1,4 +1,4 @@
-"""From token-id pairs to model inputs: the epoch plan, padding and packing.
+"""From token-id pairs to model inputs: the epoch plan and the micro-batches.
 
 Determinism over streaming: every rank sees the whole (token ids only) dataset,
 sorted by pair id, and builds the same seeded plan of global batches for an
@@ -15,15 +15,12 @@ one int32 buffer of every pair's ids end to end plus an offset and a size per
 pair, put once in Ray's object store by the driver; the ranks of a node map
 that one copy and read a pair's ids as a numpy view of it (see `Pairs`).
 
-One micro-batch of b pairs becomes 2b sequences, prompt+chosen rows first and
-prompt+rejected rows after, run through the model in one forward pass. Padded,
-they are right-padded rows; packed, they are laid end to end in one row whose
-position_ids restart at 0 for every sequence (transformers builds the
-block-diagonal mask from that), so no compute is spent on padding. Only
-varlen (flash) attention kernels turn that into less work: sdpa and eager
-materialise a dense [T, T] mask over the whole row, which costs more than the
-padding saved (measured on CPU: 0.30 s packed vs 0.18 s padded per step of 16
-pairs), so `packing: auto` packs only under flash attention.
+A micro-batch of b pairs runs through the model in one forward pass, in one
+of dpo.forward's layouts: padded (2b rows), packed (one row; it saves work only
+under flash attention's varlen kernels: sdpa and eager materialise a dense
+[T, T] mask over the whole row, measured on CPU at 0.30 s packed vs 0.18 s
+padded per step of 16 pairs) or shared (b rows, the prompt once per pair).
+`choose_layout` resolves train.packing and train.prefix_sharing.
 """
 
 from __future__ import annotations
@@ -38,9 +35,8 @@ import pyarrow.compute as pc
 import torch
 
 from dpo import schema
-from dpo.logprobs import sequence_logps, token_logps
-
-IGNORE = -100
+from dpo.config import TrainConfig
+from dpo.forward import Layout, ModelInputs, lay_out, sequence_logps
 
 
 class TokenLists:
@@ -187,98 +183,59 @@ def rank_micro_batches(global_batch: np.ndarray, rank: int, world: int, grad_acc
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor               # [rows, T]
-    labels: torch.Tensor                  # [rows, T]; IGNORE on prompt and padding
-    attention_mask: Optional[torch.Tensor]  # padded layout
-    position_ids: Optional[torch.Tensor]    # packed layout
-    segments: Optional[torch.Tensor]        # packed: [T] index of the sequence each position belongs to
+    inputs: ModelInputs                   # what the model runs, in the chosen layout (dpo.forward)
     num_pairs: int
     chosen_lengths: torch.Tensor          # [b] response tokens
     rejected_lengths: torch.Tensor
     ref_chosen: Optional[torch.Tensor]    # [b] float32
     ref_rejected: Optional[torch.Tensor]
     pair_ids: list[str]
-    tokens: int                           # real (non-padding) tokens
+    tokens: int                           # tokens of both sequences, prompt counted twice, in any layout
 
     def to(self, device) -> "MicroBatch":
-        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, (torch.Tensor, ModelInputs)) else t  # noqa: E731
         return MicroBatch(**{k: move(v) for k, v in self.__dict__.items()})
 
 
-def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, packed: bool) -> MicroBatch:
-    seqs, labels = [], []
-    for responses in (pairs.chosen, pairs.rejected):
-        for i in rows:
-            prompt, response = pairs.prompt[i], responses[i]
-            seqs.append(np.concatenate([prompt, response]))
-            # The first token is never predicted (nothing precedes it), so it is
-            # masked even if the prompt is empty: padded and packed then agree.
-            label = np.concatenate([np.full(len(prompt), IGNORE), response])
-            label[0] = IGNORE
-            labels.append(label)
-    lengths = [len(s) for s in seqs]
-    common = dict(
+def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, layout: Layout) -> MicroBatch:
+    triples = [(pairs.prompt[i], pairs.chosen[i], pairs.rejected[i]) for i in rows]
+    return MicroBatch(
+        inputs=lay_out(triples, pad_id, layout),
         num_pairs=len(rows),
-        chosen_lengths=torch.tensor([len(pairs.chosen[i]) for i in rows], dtype=torch.float32),
-        rejected_lengths=torch.tensor([len(pairs.rejected[i]) for i in rows], dtype=torch.float32),
+        chosen_lengths=torch.tensor(pairs.chosen.lengths[rows], dtype=torch.float32),
+        rejected_lengths=torch.tensor(pairs.rejected.lengths[rows], dtype=torch.float32),
         ref_chosen=None if pairs.ref_chosen is None else torch.tensor(pairs.ref_chosen[rows], dtype=torch.float32),
         ref_rejected=None if pairs.ref_rejected is None else torch.tensor(pairs.ref_rejected[rows], dtype=torch.float32),
         pair_ids=[pairs.pair_ids[i] for i in rows],
-        tokens=int(sum(lengths)),
+        tokens=int(pairs.tokens[rows].sum()),
     )
-    if packed:
-        return MicroBatch(
-            input_ids=torch.from_numpy(np.concatenate(seqs).astype(np.int64))[None],  # the ids are int32 views
-            labels=torch.from_numpy(np.concatenate(labels))[None],
-            attention_mask=None,
-            position_ids=torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))[None],
-            segments=torch.from_numpy(np.repeat(np.arange(len(seqs)), lengths)),
-            **common,
-        )
-    width = max(lengths)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    lab = np.full((len(seqs), width), IGNORE, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for j, (s, l) in enumerate(zip(seqs, labels)):
-        ids[j, :len(s)], lab[j, :len(s)], mask[j, :len(s)] = s, l, 1
-    return MicroBatch(torch.from_numpy(ids), torch.from_numpy(lab), torch.from_numpy(mask), None, None, **common)
 
 
-def policy_logps(model, mb: MicroBatch, *, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) log pi(response | prompt), each [b], from one forward pass."""
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                use_cache=False)
-    if mb.segments is None:
-        logps = sequence_logps(out.logits, mb.labels, average=average)
-    else:
-        # token_logps' position t scores label t+1: sum each sequence's share of the row.
-        tok, mask = token_logps(out.logits, mb.labels)
-        seg = mb.segments[1:]
-        n = 2 * mb.num_pairs
-        logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg, tok[0])
-        if average:
-            count = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg, mask[0].to(tok.dtype))
-            logps = torch.where(count > 0, logps / count.clamp(min=1), torch.zeros_like(logps))
-    return logps[:mb.num_pairs], logps[mb.num_pairs:]
+def choose_layout(t: TrainConfig, model, lm, pairs: Pairs, pad_id: int, device, autocast) -> Layout:
+    """train.packing and train.prefix_sharing, resolved on this model and device (`model` runs `lm`).
 
-
-def use_packing(setting: str, model, pairs: Pairs, pad_id: int, autocast) -> bool:
-    """train.packing: on, off, or auto = on where it saves work and the model honours it."""
-    if setting != "auto":
-        return setting == "on"
-    attention = str(getattr(model.config, "_attn_implementation", "") or "")
-    if not attention.startswith("flash"):
-        return False
-    with autocast:  # flash kernels take only half precision
-        return packing_supported(model, pairs, pad_id)
+    packing: auto packs only under flash attention, and only if the model
+    honours packed position ids. prefix_sharing: auto shares the prompt where
+    it was measured to be faster (docs/benchmarks.md): on CPU, where eager and
+    sdpa attention take its 4D mask. On GPU it stays off unless asked for
+    until it is measured there.
+    """
+    attention = str(getattr(lm.config, "_attn_implementation", "") or "")
+    if t.packing == "on" or (t.packing == "auto" and attention.startswith("flash")
+                             and packing_supported(model, pairs, pad_id, device, autocast)):
+        return "packed"
+    if t.prefix_sharing == "on" or (t.prefix_sharing == "auto" and device.type == "cpu"
+                                    and attention in ("eager", "sdpa")):
+        return "shared"
+    return "padded"
 
 
 @torch.no_grad()
-def packing_supported(model, pairs: Pairs, pad_id: int) -> bool:
+def packing_supported(model, pairs: Pairs, pad_id: int, device, autocast) -> bool:
     """Whether this model honours packed position_ids: packed and padded log-probs agree."""
     rows = np.arange(min(2, len(pairs)))
-    device = next(model.parameters()).device
-    padded = policy_logps(model, collate(pairs, rows, pad_id, packed=False).to(device), average=False)
-    packed = policy_logps(model, collate(pairs, rows, pad_id, packed=True).to(device), average=False)
+    with autocast:  # flash kernels take only half precision
+        padded = sequence_logps(model, collate(pairs, rows, pad_id, "padded").inputs.to(device), average=False)
+        packed = sequence_logps(model, collate(pairs, rows, pad_id, "packed").inputs.to(device), average=False)
     # Loose enough for bf16; a model that ignores the packing mixes whole sequences and misses by far more.
     return all(torch.allclose(a, b, atol=1e-2, rtol=1e-2) for a, b in zip(padded, packed))

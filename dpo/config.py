@@ -15,7 +15,7 @@ import typing
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from dpo.loss_options import LOSS_OPTION_NAMES, LossOptions
 
@@ -38,6 +38,9 @@ class RunConfig(_Section):
     name: str = "dpo"
     output_dir: str = "runs/dpo"
     seed: int = 0
+    # A read/tokenize/score stage that writes nothing for this long while tasks or actors wait
+    # for resources the cluster does not free fails, naming them (null: wait forever).
+    stall_timeout_s: Optional[float] = Field(600.0, gt=0)
 
 
 class DataConfig(_Section):
@@ -71,6 +74,9 @@ class ModelConfig(_Section):
     # Custom modelling code runs arbitrary Python from the model folder: opt in only.
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
+    # Scored positions whose full-vocabulary logits exist at once, in training and in hf scoring
+    # (dpo.forward): the peak of the output head is this x vocabulary x 4 bytes, however long the batch.
+    logits_chunk_size: int = Field(1024, gt=0)
 
     @property
     def reference_path(self) -> str:
@@ -148,10 +154,19 @@ class TrainConfig(_LossKeys):
     # Padding-free packing of a micro-batch into one row; auto turns it on only where
     # it pays: under flash attention, which takes packed position_ids without a dense T x T mask.
     packing: Literal["auto", "on", "off"] = "auto"
+    # One row per pair, prompt + chosen + rejected, the prompt computed once (dpo.forward); auto turns it on
+    # where it was measured to be faster: on CPU, under eager or sdpa attention (docs/benchmarks.md).
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
+    # auto: the output head runs only at the positions that predict a response token, where the model
+    # allows it (dpo.forward checks); off: at every position, as a plain forward does.
+    response_logits: Literal["auto", "off"] = "auto"
     # Pairs per length-sorted pool from which batches are cut (in global batches).
     length_group_batches: int = Field(8, ge=1)
     on_nonfinite_loss: Literal["error", "skip"] = "error"
-    tensorboard: bool = False
+    # Experiment trackers that rank 0 logs every metrics record to (dpo/trackers.py: where each one writes).
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    # The W&B project and the MLflow experiment; unset: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else raydpo.
+    tracker_project: Optional[str] = None
     save_policy: bool = True
 
     @model_validator(mode="after")
@@ -166,6 +181,19 @@ class TrainConfig(_LossKeys):
             msg = str(exc)
             named = re.match(r"\w+", msg).group() in {"loss_type", "beta", "label_smoothing", *LOSS_OPTION_NAMES}
             raise ValueError(f"train.{msg}" if named else f"train.loss_type: {msg}") from None
+        return self
+
+    @field_validator("packing", "prefix_sharing", "response_logits", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        # YAML 1.1 reads a bare on/off as a boolean: `train.prefix_sharing=off` means the string.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "TrainConfig":
+        if self.packing == "on" and self.prefix_sharing == "on":
+            raise ValueError("train.packing=on and train.prefix_sharing=on lay a batch out in two different ways; "
+                             "turn one of them off")
         return self
 
     @property
@@ -183,6 +211,9 @@ class DebugConfig(_Section):
 
     fail_at_step: Optional[int] = Field(None, ge=1)
     fail_scoring_after_batches: Optional[int] = Field(None, ge=0)
+    # An actor holding this many CPUs starts right after the precompute's resource check, as
+    # another job taking them would: the stall the check cannot foresee.
+    hold_cpus_after_check: Optional[float] = Field(None, gt=0)
 
 
 class Config(_Section):
@@ -235,9 +266,16 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+# Keys that were replaced: an old config that sets one is told what to write instead.
+RETIRED_KEYS = {"train.tensorboard": "train.tensorboard is gone: list the trackers in train.report_to instead, "
+                                     "e.g. train.report_to: [tensorboard]"}
+
+
 def _describe(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
+    if kind == "extra_forbidden" and key in RETIRED_KEYS:
+        return RETIRED_KEYS[key]
     if kind == "extra_forbidden":
         section = ".".join(str(p) for p in err["loc"][:-1])
         known = _known_keys(err["loc"][:-1])

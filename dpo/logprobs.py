@@ -1,53 +1,47 @@
-"""Per-sequence log-probabilities from causal-LM logits.
+"""Per-token log-probabilities from hidden states, a chunk of positions at a time.
 
-Scoring (the reference cache) and training both go through `token_logps`, so the
-two stages count exactly the same tokens under exactly the same mask.
+Scoring (the reference cache) and training both go through `chunked_token_logps`
+(via dpo.forward), so the two stages compute the same tokens the same way.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100):
-    """log p(labels[:, t+1] | ...) read off logits[:, t].
-
-    Args:
-        logits: [B, T, V], any float dtype; the log-softmax is taken in float32.
-        labels: [B, T] token ids, `ignore_index` where a position is not counted
-            (prompt, padding).
-
-    Returns:
-        (logps, mask): both [B, T-1]; logps is float32 and 0 wherever mask is False.
-    """
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
-    logits = logits[:, :-1, :].float()
-    labels = labels[:, 1:]
-    mask = labels != ignore_index
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
-    # gather - logsumexp avoids materialising a second [B, T, V] log-softmax tensor.
-    picked = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
-    return torch.where(mask, logps, torch.zeros_like(logps)), mask
-
-
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, *, average: bool = False, ignore_index: int = -100
-) -> torch.Tensor:
-    """Sum (or mean) over counted tokens of log p(token | every token before it).
+def chunked_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                        chunk_size: int) -> torch.Tensor:
+    """log p(targets[n] | hidden[n]) = (head(h_n))[target_n] - logsumexp(head(h_n)), `chunk_size` rows at a time.
 
     Args:
-        logits: [B, T, V]; logits[:, t] predict labels[:, t + 1].
-        labels: [B, T]; positions equal to `ignore_index` add nothing.
-        average: divide by the number of counted tokens (a row with none gives 0, not NaN).
+        head: the output projection, hidden size H -> vocabulary V (tied or not).
+        hidden: [N, H], the hidden states of the N positions that predict a scored token.
+        targets: [N] token ids.
+        chunk_size: rows whose [chunk_size, V] logits exist at once.
 
     Returns:
-        [B] float32: log pi(y|x) = sum_t log p(y_t | x, y_<t), or its per-token mean.
+        [N] float32. Under autograd each chunk is checkpointed: its logits are
+        recomputed in the backward pass rather than kept, so the peak is
+        O(chunk_size x V) however many positions are scored, not O(N x V).
     """
-    logps, mask = token_logps(logits, labels, ignore_index=ignore_index)
-    total = logps.sum(-1)
-    if not average:
-        return total
-    count = mask.sum(-1)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on N")
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        parts.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False) if grad else _chunk_logps(head, h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # the log-softmax is taken in float32 whatever the model's dtype
+    # gather - logsumexp: no second [chunk, V] log-softmax tensor.
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def gathered_token_logps(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same values read off full logits [R, T, V] at flat positions `index` [N] of the [R, T] grid: [N] float32."""
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
+    return rows.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(rows, dim=-1)

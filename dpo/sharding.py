@@ -25,34 +25,40 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from dpo.config import Config, UserError
 from dpo.context import read_model_config
+from dpo.forward import PolicyLogps
 
 
-def load_policy(cfg: Config, device: torch.device, rank: int) -> torch.nn.Module:
-    """The policy in float32 on `device`: whole under ddp (not yet wrapped), sharded under fsdp."""
+def load_policy(cfg: Config, device: torch.device, rank: int) -> PolicyLogps:
+    """The policy in float32 on `device`, as the module that computes DPO's log-probs (dpo.forward):
+    whole under ddp (not yet wrapped), sharded under fsdp."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                   attn_implementation=cfg.model.attn_implementation)
     if cfg.train.strategy == "ddp" or rank == 0:
         # safetensors only: a pickled .bin checkpoint can run code when it is loaded.
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.policy, use_safetensors=True, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.model.policy, use_safetensors=True, **kwargs)
         if cfg.train.strategy == "ddp":
-            return model.to(device)
+            return _policy(lm, cfg).to(device)
     else:
         config = read_model_config(cfg.model.policy, "model.policy", cfg.model.trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
-    return _shard(model, device, rank)
+            lm = AutoModelForCausalLM.from_config(config, **kwargs)
+    return _shard(_policy(lm, cfg), device, rank)
 
 
-def _shard(model: torch.nn.Module, device: torch.device, rank: int) -> torch.nn.Module:
+def _policy(lm: torch.nn.Module, cfg: Config) -> PolicyLogps:
+    return PolicyLogps(lm, cfg.model.logits_chunk_size, response_logits=cfg.train.response_logits == "auto")
+
+
+def _shard(model: PolicyLogps, device: torch.device, rank: int) -> PolicyLogps:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    names = set(getattr(model.lm, "_no_split_modules", None) or ())
+    layers = [m for m in model.lm.modules() if type(m).__name__ in names]
     if not layers:
-        raise UserError(f"train.strategy=fsdp: {type(model).__name__} names no decoder layer class "
+        raise UserError(f"train.strategy=fsdp: {type(model.lm).__name__} names no decoder layer class "
                         "(_no_split_modules), so it cannot be sharded layer by layer; use train.strategy=ddp")
     full = model.state_dict() if rank == 0 else {}
     if device.type == "cuda":
@@ -60,6 +66,7 @@ def _shard(model: torch.nn.Module, device: torch.device, rank: int) -> torch.nn.
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    # The root holds what no layer does (embeddings, final norm, output head), gathered around PolicyLogps.forward.
     fully_shard(model, mesh=mesh)  # moves rank 0's shards to the device; meta ones stay meta
     if rank != 0:
         model.to_empty(device=device)

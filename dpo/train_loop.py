@@ -1,8 +1,10 @@
 """The per-worker DPO training loop that Ray Train runs on every worker.
 
-The policy's log-probs come from one forward pass per micro-batch (chosen and
-rejected rows together); the reference's come from the dataset, scored once
-offline, so no reference model is ever loaded here.
+It has the shape of Ray Train's examples: `setup` returns one `Worker` state,
+and `train_step` and `evaluate` take it. The policy's log-probs come from one
+forward pass per micro-batch (both replies of every pair, dpo.forward); the
+reference's come from the dataset, scored once offline, so no reference model
+is ever loaded here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import math
 import os
 import tempfile
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -28,116 +31,202 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from dpo import checkpoint as ckpt
 from dpo import storage
-from dpo.batching import Pairs, collate, epoch_plan, policy_logps, rank_micro_batches, use_packing
+from dpo.batching import Pairs, choose_layout, collate, epoch_plan, rank_micro_batches
 from dpo.config import Config, TrainConfig
+from dpo.forward import Layout, PolicyLogps, check_response_head, sequence_logps
 from dpo.losses import LossType, preference_loss
 from dpo.sharding import clip_grad_norm, gradient_sync, load_policy
+from dpo.trackers import Trackers, open_trackers
 
 log = logging.getLogger("raydpo.train")
 
 # Per-step sums all-reduced across ranks, then divided by the pair count.
 STATS = ["pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
          "logps/chosen", "logps/rejected", "tokens", "nonfinite"]
+AVERAGED = STATS[1:8]
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 ERROR_FILE = "error.txt"
+# PolicyLogps holds the transformers model as `lm`: its keys in checkpoints, not in the exported policy/.
+LM_PREFIX = "lm."
+
+
+@dataclass
+class Worker:
+    """What one training worker holds between steps."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module      # `policy` as the step runs it, wrapped in DDP or sharded by FSDP; state dicts are its
+    policy: PolicyLogps         # its `lm` is the transformers model
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_pairs: Pairs
+    eval_pairs: Optional[Pairs]
+    pad_id: int
+    autocast: Any
+    steps_per_epoch: int
+    total_steps: int
+    train_dir: str
+    layout: Layout = "padded"   # resolved by choose_layout once the model is restored
+    step: int = 0               # the last step done (restored from a checkpoint)
+    skipped: int = 0            # batches skipped as non-finite up to `step`
+    metrics_log: Optional[ckpt.MetricsLog] = None
+    trackers: Optional[Trackers] = None  # train.report_to; a no-op on ranks other than 0
+    plan: Optional[tuple[int, np.ndarray]] = None  # (epoch, its global batches)
+
+    @property
+    def t(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def global_batch(self) -> int:
+        return self.t.batch_size * self.world * self.t.grad_accum
+
+
+@dataclass
+class StepResult:
+    stats: torch.Tensor   # STATS, summed over all ranks
+    grad_norm: float
+    learning_rate: float
+    seconds: float
+    bad_pair_ids: list[str]  # this rank's pairs whose loss was not finite
+
+    @property
+    def finite(self) -> bool:
+        return self.stats[STATS.index("nonfinite")] == 0 and math.isfinite(self.grad_norm)
 
 
 def train_loop_per_worker(config: dict) -> None:
+    w = setup(config)
+    last: dict = {}
+    for step in range(w.step + 1, w.total_steps + 1):
+        _maybe_fail(w, step)
+        result = train_step(w, global_batch(w, step))
+        if not result.finite and w.t.on_nonfinite_loss == "error":
+            _stop_nonfinite(w, step, result.bad_pair_ids)
+            w.trackers.close()
+            return
+        w.step = step
+        do_eval = w.eval_pairs is not None and (step == w.total_steps or (w.t.eval_every and step % w.t.eval_every == 0))
+        if step % w.t.log_every == 0 or step == w.total_steps or do_eval:
+            last = _step_record(w, result)
+            if do_eval:
+                last.update(evaluate(w))
+            _log(w, last)
+        if step % w.t.checkpoint_every == 0 or step == w.total_steps:
+            _save(w, last)
+    if w.eval_pairs is not None and not last:  # resumed with nothing left to train: still report held-out numbers
+        last = evaluate(w)
+    w.trackers.close()
+    if w.t.save_policy:
+        _save_policy(w, storage.join(w.train_dir, "policy"))
+    ray.train.report({**last, "done": True})
+
+
+def setup(config: dict) -> Worker:
+    """The policy, its optimizer and the data on this worker, restored from the newest checkpoint if any."""
     cfg = Config.model_validate(config["config"])
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    train_dir = storage.join(cfg.run.output_dir, "train")
     ckpt.seed_everything(cfg.run.seed)
 
     # Every rank sees the whole dataset, mapped from the node's one copy in the object store: see dpo.batching.
     train_pairs = Pairs.from_batch(ray.get(config["train_pairs"]))
     eval_pairs = Pairs.from_batch(ray.get(config["eval_pairs"])) if config["eval_pairs"] is not None else None
-    global_batch = t.batch_size * world * t.grad_accum
-    steps_per_epoch = len(train_pairs) // global_batch
+    steps_per_epoch = len(train_pairs) // (t.batch_size * world * t.grad_accum)
     total = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
 
-    model = load_policy(cfg, device, rank)
-    pad_id = _pad_id(model)
+    policy = load_policy(cfg, device, rank)
+    pad_id = _pad_id(policy.lm)
     # bf16 autocast only where it is fast and asked for; CPU trains in float32.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.use_gpu and cfg.model.dtype == "bfloat16"
                 else contextlib.nullcontext())
-    packed = use_packing(t.packing, model, train_pairs, pad_id, autocast)
-    if t.strategy == "ddp":
-        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    model = ray.train.torch.prepare_model(policy, parallel_strategy="ddp") if t.strategy == "ddp" else policy
+    # Before any forward: FSDP2's lazy initialisation at the first one re-registers the root's parameters.
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total))
-
-    start, skipped = _restore(model, optimizer, scheduler, rank, storage.join(train_dir, "checkpoints"),
-                              sharded=t.strategy == "fsdp")
-    metrics_log = ckpt.MetricsLog(storage.join(train_dir, "metrics.jsonl")) if rank == 0 else None
-    board = _tensorboard(storage.join(train_dir, "tensorboard")) if rank == 0 and t.tensorboard else None
-    if metrics_log:
-        metrics_log.truncate_after(start)
+    w = Worker(cfg=cfg, rank=rank, world=world, device=device, model=model, policy=policy, optimizer=optimizer,
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total)),
+               train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, autocast=autocast,
+               steps_per_epoch=steps_per_epoch, total_steps=total,
+               train_dir=storage.join(cfg.run.output_dir, "train"))
+    _restore(w)
+    # After the restore: a forward leaves FSDP2's root unsharded, and a sharded state dict cannot load into that.
+    check_response_head(model, policy, device, autocast)
+    w.layout = choose_layout(t, model, policy.lm, train_pairs, pad_id, device, autocast)
+    w.trackers = open_trackers(cfg, w.train_dir, rank, w.step)
+    if rank == 0:
+        w.metrics_log = ckpt.MetricsLog(storage.join(w.train_dir, "metrics.jsonl"))
+        w.metrics_log.truncate_after(w.step)
         log.info("training %d pairs, %d steps of %d pairs (%d per worker x %d workers x %d accumulation), "
-                 "packing %s, resuming after step %d", len(train_pairs), total, global_batch, t.batch_size,
-                 world, t.grad_accum, "on" if packed else "off", start)
-
-    plan_epoch, plan = None, None
-    last: dict = {}
+                 "%s layout, logits %s, resuming after step %d", len(train_pairs), total, w.global_batch,
+                 t.batch_size, world, t.grad_accum, w.layout,
+                 "at response positions only" if policy.response_only else "at every position", w.step)
     model.train()
-    for step in range(start + 1, total + 1):
-        epoch, index = divmod(step - 1, steps_per_epoch)
-        if plan_epoch != epoch:
-            plan_epoch, plan = epoch, epoch_plan(train_pairs.tokens, global_batch, t.length_group_batches,
-                                                 cfg.run.seed, epoch)
-        _maybe_fail(cfg, step, rank, world, train_dir)
-        t0 = time.perf_counter()
-        stats = torch.zeros(len(STATS), dtype=torch.float64)
-        bad_ids: list[str] = []
-        micro = rank_micro_batches(plan[index], rank, world, t.grad_accum)
-        for a, rows in enumerate(micro):
-            mb = collate(train_pairs, rows, pad_id, packed).to(device)
-            # Gradients are reduced across ranks on the last micro-step only.
-            with gradient_sync(model, a == len(micro) - 1), autocast:
-                chosen, rejected = policy_logps(model, mb, average=t.average_logps)
-                out = _losses(t, chosen, rejected, mb)
-                (out.losses.sum() / (t.batch_size * t.grad_accum)).backward()
+    return w
+
+
+def global_batch(w: Worker, step: int) -> np.ndarray:
+    """Row indices of step `step`'s global batch: the same on every rank, a function of (seed, epoch, step)."""
+    epoch, index = divmod(step - 1, w.steps_per_epoch)
+    if w.plan is None or w.plan[0] != epoch:
+        w.plan = epoch, epoch_plan(w.train_pairs.tokens, w.global_batch, w.t.length_group_batches,
+                                   w.cfg.run.seed, epoch)
+    return w.plan[1][index]
+
+
+def train_step(w: Worker, batch: np.ndarray) -> StepResult:
+    """One optimizer step on this rank's share of a global batch; a non-finite step leaves the weights alone."""
+    t = w.t
+    started = time.perf_counter()
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    bad: list[str] = []
+    micro = rank_micro_batches(batch, w.rank, w.world, t.grad_accum)
+    for a, rows in enumerate(micro):
+        mb = collate(w.train_pairs, rows, w.pad_id, w.layout).to(w.device)
+        # Gradients are reduced across ranks on the last micro-step only.
+        with gradient_sync(w.model, a == len(micro) - 1), w.autocast:
+            chosen, rejected = sequence_logps(w.model, mb.inputs, average=t.average_logps)
+            out = micro_batch_losses(t, chosen, rejected, mb)
+            (out.losses.sum() / (t.batch_size * t.grad_accum)).backward()
+        stats += _batch_stats(out, chosen, rejected, mb)
+        bad += [p for p, ok in zip(mb.pair_ids, torch.isfinite(out.losses.detach()).tolist()) if not ok]
+    result = StepResult(_all_reduce(stats), clip_grad_norm(w.model, t.max_grad_norm),
+                        w.scheduler.get_last_lr()[0], 0.0, bad)
+    if result.finite:
+        w.optimizer.step()
+    elif t.on_nonfinite_loss == "skip":
+        w.skipped += 1  # the batch is consumed, the weights stay as they were
+    w.optimizer.zero_grad(set_to_none=True)
+    w.scheduler.step()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def evaluate(w: Worker) -> dict:
+    """Held-out loss, implicit rewards and reward accuracy, averaged over every eval pair once."""
+    t, pairs = w.t, w.eval_pairs
+    w.model.eval()
+    order = np.argsort(pairs.tokens, kind="stable")
+    per_step = t.batch_size * w.world
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    # Every rank runs the same number of forward passes (sharded models gather
+    # weights in forward); a rank with nothing left reruns a row and counts nothing.
+    for start in range(0, len(order), per_step):
+        rows = order[start:start + per_step][w.rank * t.batch_size:(w.rank + 1) * t.batch_size]
+        counted = len(rows) > 0
+        mb = collate(pairs, rows if counted else order[:1], w.pad_id, w.layout).to(w.device)
+        with w.autocast:
+            chosen, rejected = sequence_logps(w.model, mb.inputs, average=t.average_logps)
+            out = micro_batch_losses(t, chosen, rejected, mb)
+        if counted:
             stats += _batch_stats(out, chosen, rejected, mb)
-            bad_ids += [p for p, ok in zip(mb.pair_ids, torch.isfinite(out.losses.detach()).tolist()) if not ok]
-        grad_norm = clip_grad_norm(model, t.max_grad_norm)
-        stats = _all_reduce(stats)
-        lr = scheduler.get_last_lr()[0]
-        if stats[STATS.index("nonfinite")] > 0 or not math.isfinite(grad_norm):
-            if t.on_nonfinite_loss == "error":
-                _stop_nonfinite(step, bad_ids, rank, world, train_dir)
-                return
-            skipped += 1  # the batch is consumed, the weights stay as they were
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-
-        elapsed = time.perf_counter() - t0
-        do_eval = eval_pairs is not None and (step == total or (t.eval_every and step % t.eval_every == 0))
-        if step % t.log_every == 0 or step == total or do_eval:
-            last = _metrics(stats, step, epoch, lr, grad_norm, elapsed)
-            if t.on_nonfinite_loss == "skip":
-                last["skipped_batches"] = skipped
-            if do_eval:
-                last.update(evaluate(model, eval_pairs, t, rank, world, pad_id, packed, device, autocast))
-            if metrics_log:
-                metrics_log.append(last)
-                log.info(_progress(last, total))
-            if board:
-                for key, value in last.items():
-                    if isinstance(value, float) and key != "epoch":
-                        board.add_scalar(key, value, step)
-                board.flush()
-        if step % t.checkpoint_every == 0 or step == total:
-            _save(model, optimizer, scheduler, step, epoch, skipped, rank, t, train_dir, last)
-
-    if eval_pairs is not None and start >= total:  # nothing left to train: still report the held-out numbers
-        last = evaluate(model, eval_pairs, t, rank, world, pad_id, packed, device, autocast)
-    if t.save_policy:
-        _save_policy(model, cfg, rank, storage.join(train_dir, "policy"))
-    ray.train.report({**last, "done": True})
+    w.model.train()
+    return _averages(_all_reduce(stats), prefix="eval/")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -158,10 +247,6 @@ def lr_schedule(t: TrainConfig, total: int):
     return factor
 
 
-def _tensorboard(folder: str):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(folder)
 
 
 def _pad_id(model) -> int:
@@ -175,7 +260,7 @@ def _pad_id(model) -> int:
     return 0
 
 
-def _losses(t: TrainConfig, chosen, rejected, mb):
+def micro_batch_losses(t: TrainConfig, chosen, rejected, mb):
     needs_reference = any(LossType.parse(name).needs_reference for name in t.loss_types)
     ref_c, ref_r = (mb.ref_chosen, mb.ref_rejected) if needs_reference else (None, None)
     len_c, len_r = mb.chosen_lengths, mb.rejected_lengths
@@ -211,18 +296,28 @@ def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None  # JSON has no NaN
 
 
-def _metrics(stats: torch.Tensor, step: int, epoch: int, lr: float, grad_norm: float, elapsed: float,
-             prefix: str = "") -> dict:
+def _averages(stats: torch.Tensor, prefix: str = "") -> dict:
+    """Per-pair means of the summed STATS: loss, rewards and log-probs."""
     s = dict(zip(STATS, stats.tolist()))
-    n = max(s["pairs"], 1.0)
-    record = {} if prefix else {"step": step, "epoch": epoch}
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected"):
-        record[prefix + key] = _finite(s[key] / n)
-    if not prefix:
-        record.update(learning_rate=lr, grad_norm=_finite(grad_norm),
-                      tokens_per_second=round(s["tokens"] / max(elapsed, 1e-9), 1))
+    return {prefix + key: _finite(s[key] / max(s["pairs"], 1.0)) for key in AVERAGED}
+
+
+def _step_record(w: Worker, result: StepResult) -> dict:
+    """The metrics.jsonl line of the step just taken."""
+    record = {"step": w.step, "epoch": (w.step - 1) // w.steps_per_epoch, **_averages(result.stats),
+              "learning_rate": result.learning_rate, "grad_norm": _finite(result.grad_norm),
+              "tokens_per_second": round(float(result.stats[STATS.index("tokens")]) / max(result.seconds, 1e-9), 1)}
+    if w.t.on_nonfinite_loss == "skip":
+        record["skipped_batches"] = w.skipped
     return record
+
+
+def _log(w: Worker, record: dict) -> None:
+    """metrics.jsonl, the progress line and the trackers (train.report_to), from rank 0."""
+    if w.metrics_log:
+        w.metrics_log.append(record)
+        log.info(_progress(record, w.total_steps))
+    w.trackers.log(record, record["step"])
 
 
 def _progress(m: dict, total: int) -> str:
@@ -238,32 +333,9 @@ def _progress(m: dict, total: int) -> str:
     return line
 
 
-@torch.no_grad()
-def evaluate(model, pairs: Pairs, t: TrainConfig, rank: int, world: int, pad_id: int, packed: bool, device,
-             autocast) -> dict:
-    """Held-out loss, implicit rewards and reward accuracy, averaged over every eval pair once."""
-    model.eval()
-    order = np.argsort(pairs.tokens, kind="stable")
-    per_step = t.batch_size * world
-    stats = torch.zeros(len(STATS), dtype=torch.float64)
-    # Every rank runs the same number of forward passes (sharded models gather
-    # weights in forward); a rank with nothing left reruns a row and counts nothing.
-    for start in range(0, len(order), per_step):
-        rows = order[start:start + per_step][rank * t.batch_size:(rank + 1) * t.batch_size]
-        counted = len(rows) > 0
-        mb = collate(pairs, rows if counted else order[:1], pad_id, packed).to(device)
-        with autocast:
-            chosen, rejected = policy_logps(model, mb, average=t.average_logps)
-            out = _losses(t, chosen, rejected, mb)
-        if counted:
-            stats += _batch_stats(out, chosen, rejected, mb)
-    model.train()
-    return _metrics(_all_reduce(stats), 0, 0, 0.0, 0.0, 1.0, prefix="eval/")
-
-
-def _stop_nonfinite(step: int, bad_ids: list[str], rank: int, world: int, train_dir: str) -> None:
-    gathered = [None] * world
-    if world > 1:
+def _stop_nonfinite(w: Worker, step: int, bad_ids: list[str]) -> None:
+    gathered = [None] * w.world
+    if w.world > 1:
         dist.all_gather_object(gathered, bad_ids)
     else:
         gathered = [bad_ids]
@@ -273,73 +345,75 @@ def _stop_nonfinite(step: int, bad_ids: list[str], rank: int, world: int, train_
                "pairs, or set train.on_nonfinite_loss=skip to skip such batches")
     # Every rank ends cleanly (raising would make Ray Train retry a deterministic failure);
     # the driver finds the message here.
-    if rank == 0:
-        storage.write_text(storage.join(train_dir, ERROR_FILE), message)
+    if w.rank == 0:
+        storage.write_text(storage.join(w.train_dir, ERROR_FILE), message)
 
 
-def _maybe_fail(cfg: Config, step: int, rank: int, world: int, train_dir: str) -> None:
+def _maybe_fail(w: Worker, step: int) -> None:
     """debug.fail_at_step: one worker dies abruptly, on the first attempt only."""
-    if cfg.debug.fail_at_step != step or rank != min(1, world - 1):
+    if w.cfg.debug.fail_at_step != step or w.rank != min(1, w.world - 1):
         return
-    marker = storage.join(train_dir, f".failed_at_step_{step}")
+    marker = storage.join(w.train_dir, f".failed_at_step_{step}")
     if storage.exists(marker):
         return
     storage.write_text(marker, "")
-    log.warning("debug.fail_at_step=%d: rank %d exits now", step, rank)
+    log.warning("debug.fail_at_step=%d: rank %d exits now", step, w.rank)
     os._exit(1)
 
 
-def _restore(model, optimizer, scheduler, rank: int, own_root: str, sharded: bool) -> tuple[int, int]:
-    """Load the newest checkpoint (Ray's or ours) into model, optimizer, scheduler and RNG.
+def _restore(w: Worker) -> None:
+    """Load the newest checkpoint (Ray's or ours) into the model, optimizer, scheduler and RNG.
 
-    Returns its step and the batches skipped as non-finite up to it. Sharded,
-    only rank 0 reads the full states and the others receive their shards.
+    Sets `w.step` and `w.skipped` to its step and the batches skipped as
+    non-finite up to it. Sharded, only rank 0 reads the full states and the
+    others receive their shards.
     """
-    with ckpt.newest(ray.train.get_checkpoint(), own_root) as folder:
+    sharded = w.t.strategy == "fsdp"
+    with ckpt.newest(ray.train.get_checkpoint(), storage.join(w.train_dir, "checkpoints")) as folder:
         if folder is None:
-            return 0, 0
+            return
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
-        reads = rank == 0 or not sharded
-        set_model_state_dict(model, ckpt.load(folder, "model.pt") if reads else {}, options=options)
-        set_optimizer_state_dict(model, optimizer, ckpt.load(folder, "optimizer.pt") if reads else {},
+        reads = w.rank == 0 or not sharded
+        set_model_state_dict(w.model, ckpt.load(folder, "model.pt") if reads else {}, options=options)
+        set_optimizer_state_dict(w.model, w.optimizer, ckpt.load(folder, "optimizer.pt") if reads else {},
                                  options=options)
-        scheduler.load_state_dict(ckpt.load(folder, "scheduler.pt"))
-        ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[rank])
+        w.scheduler.load_state_dict(ckpt.load(folder, "scheduler.pt"))
+        ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[w.rank])
         state = ckpt.read_state(folder)
-        return int(state["step"]), int(state["skipped_batches"])
+        w.step, w.skipped = int(state["step"]), int(state["skipped_batches"])
 
 
-def _save(model, optimizer, scheduler, step: int, epoch: int, skipped: int, rank: int, t: TrainConfig,
-          train_dir: str, metrics: dict) -> None:
+def _save(w: Worker, metrics: dict) -> None:
     # Gathering full state dicts is collective under FSDP: every rank takes part.
-    model_state = get_model_state_dict(model, options=FULL_STATE)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    model_state = get_model_state_dict(w.model, options=FULL_STATE)
+    optimizer_state = get_optimizer_state_dict(w.model, w.optimizer, options=FULL_STATE)
     rng = ckpt.rng_state()
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
+    rngs = [None] * w.world if dist.is_initialized() else [rng]
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)
-    if rank != 0:
+    if w.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="dpo-ckpt-") as tmp:
         ckpt.write(tmp, model_state=model_state, optimizer_state=optimizer_state,
-                   scheduler_state=scheduler.state_dict(), rng_states=rngs, step=step, epoch=epoch,
-                   skipped_batches=skipped)
-        ckpt.publish(tmp, storage.join(train_dir, "checkpoints"), step, t.keep_checkpoints)
-        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint-{step:08d}")
+                   scheduler_state=w.scheduler.state_dict(), rng_states=rngs, step=w.step,
+                   epoch=(w.step - 1) // w.steps_per_epoch, skipped_batches=w.skipped)
+        ckpt.publish(tmp, storage.join(w.train_dir, "checkpoints"), w.step, w.t.keep_checkpoints)
+        ray.train.report({**metrics, "step": w.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint-{w.step:08d}")
 
 
-def _save_policy(model, cfg: Config, rank: int, dest: str) -> None:
+def _save_policy(w: Worker, dest: str) -> None:
     """The trained weights and the tokenizer, in Hugging Face format."""
-    state = get_model_state_dict(model, options=FULL_STATE)
-    if rank != 0:
+    state = get_model_state_dict(w.model, options=FULL_STATE)
+    if w.rank != 0:
         return
+    state = {name.removeprefix(LM_PREFIX): tensor for name, tensor in state.items()}
     from transformers import AutoTokenizer
 
-    inner = getattr(model, "module", model)
+    cfg = w.cfg
     with tempfile.TemporaryDirectory(prefix="dpo-policy-") as tmp:
-        inner.save_pretrained(tmp, state_dict=state)
+        w.policy.lm.save_pretrained(tmp, state_dict=state)
         AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
                                       trust_remote_code=cfg.model.trust_remote_code).save_pretrained(tmp)
         storage.delete_dir(dest)

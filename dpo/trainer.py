@@ -8,6 +8,7 @@ this module turns config + datasets into a run and returns what it produced:
     {output_dir}/train/checkpoints/     step-N/ folders, COMPLETE-marked (see dpo.checkpoint)
     {output_dir}/train/ray/             Ray Train's run folder and its checkpoints
     {output_dir}/train/policy/          the trained model + tokenizer, Hugging Face format
+    {output_dir}/train/tensorboard/, wandb/, mlflow.db, tracker_runs.json   train.report_to's trackers (dpo.trackers)
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from typing import Optional
 import yaml
 
 from dpo import schema, storage
-from dpo.checkpoint import read_metrics
+from dpo.checkpoint import complete_steps, read_metrics
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, check_model_folder, read_model_config
+from dpo.job_cpus import refuse_unless_fits
 from dpo.losses import LossType
+from dpo.trackers import RUNS_FILE, check_trackers
 
 log = logging.getLogger("raydpo.train")
 
@@ -56,6 +59,14 @@ def validate(cfg: Config, train: TrainData) -> None:
                         "them; run jobs.precompute_reference (or jobs.pipeline) first")
     check_model_folder(cfg.model.policy, "model.policy")
     _check_policy_context(cfg)
+    if t.prefix_sharing == "on" and (cfg.model.attn_implementation or "").startswith("flash"):
+        raise UserError(f"train.prefix_sharing=on needs a 4D attention mask, which model.attn_implementation="
+                        f"{cfg.model.attn_implementation} does not take; use sdpa or eager, or set "
+                        "train.prefix_sharing=off")
+    check_trackers(cfg)
+    refuse_unless_fits(t.num_workers * t.cpus_per_worker,
+                       f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
+                       f"{t.cpus_per_worker:g})", lower="train.num_workers or train.cpus_per_worker")
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
@@ -67,15 +78,16 @@ def _check_policy_context(cfg: Config) -> None:
     check_max_length(hf_config, max_length=cfg.data.max_length, key="model.policy", path=cfg.model.policy)
 
 
-# Keys that may change between a run and its resumption: they do not alter what a step computes.
+# Keys that may change between a run and its resumption: they do not alter what a step computes
+# (the layout and the logits path change only float rounding, dpo.forward).
 RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
-               "eval_every", "tensorboard", "save_policy", "cpus_per_worker"}
+               "eval_every", "report_to", "tracker_project", "save_policy", "cpus_per_worker", "prefix_sharing",
+               "response_logits"}
+RUN_AND_MODEL_RESUME_SAFE = {"name", "logits_chunk_size"}  # run.name, model.logits_chunk_size
 
 
 def _check_resumable(cfg: Config, train_dir: str) -> None:
     """Refuse to continue checkpoints that another training config wrote."""
-    from dpo.checkpoint import complete_steps
-
     saved_path = storage.join(train_dir, "config.yaml")
     if not complete_steps(storage.join(train_dir, "checkpoints")) or not storage.exists(saved_path):
         return
@@ -83,7 +95,7 @@ def _check_resumable(cfg: Config, train_dir: str) -> None:
     now = cfg.model_dump(mode="json")
     changed = [f"train.{k}" for k, v in now["train"].items() if k not in RESUME_SAFE and saved.get("train", {}).get(k) != v]
     changed += [f"{section}.{k}" for section in ("model", "run") for k, v in now[section].items()
-                if k != "name" and saved.get(section, {}).get(k) != v]
+                if k not in RUN_AND_MODEL_RESUME_SAFE and saved.get(section, {}).get(k) != v]
     if changed:
         raise UserError(f"{train_dir} holds checkpoints of a run with another {changed[0]}"
                         f"{' (and ' + ', '.join(changed[1:]) + ')' if changed[1:] else ''}, and training resumes "
@@ -153,6 +165,8 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
     t = cfg.train
     train_dir = storage.join(cfg.run.output_dir, "train")
     _check_resumable(cfg, train_dir)
+    if not complete_steps(storage.join(train_dir, "checkpoints")):
+        storage.delete_file(storage.join(train_dir, RUNS_FILE))  # a run that starts over gets new tracker runs
     cfg.save(storage.join(train_dir, "config.yaml"))
 
     # Held here until fit() returns: a restarted worker gets the data from these again.

@@ -2,6 +2,8 @@
 
 A user's mistake (`UserError`) ends the job with one line on stderr and exit
 code 2, never a traceback; anything else is a bug and keeps its traceback.
+The terminal shows what a user needs; the job's log file holds the rest
+(jobs.logs).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 from typing import Callable, Iterator, Optional
 
 from dpo.config import Config, UserError, load_config
+from dpo.job_cpus import note_free_cpus
+from jobs.logs import FILE_ONLY, JobLog, setup_terminal
 from pipeline.vllm_build import check_torchvision
 
 log = logging.getLogger("raydpo")
@@ -29,23 +33,24 @@ def parse(argv: Optional[list[str]], description: str, extra=None) -> tuple[Conf
     return load_config(args.config, args.overrides), args
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-
-
-def init_ray() -> None:
+def init_ray(job_log: JobLog) -> None:
+    """Start Ray, or join the cluster under `ray job submit`; a Ray already running is left as it is."""
     import ray
 
     if ray.is_initialized():
         return
+    job_log.route_ray_loggers()
+    # Marks our workers' log lines, which the terminal shows (dpo.worker_logs).
+    runtime_env = {"worker_process_setup_hook": "dpo.worker_logs.mark_our_records"}
     # Under `ray job submit` RAY_ADDRESS points at the cluster and the job's
     # runtime env already ships the code. A local run starts its own Ray,
     # without the dashboard, which would double start-up time on a laptop.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        ray.init(logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
+    note_free_cpus()
+    job_log.route_worker_lines()
 
 
 @contextlib.contextmanager
@@ -54,22 +59,30 @@ def job(name: str, argv: Optional[list[str]], description: str, extra=None,
         ) -> Iterator[tuple[Config, argparse.Namespace]]:
     """`before_ray(cfg, args)` runs what needs no cluster, such as the model folder checks: a wrong path
     then fails in a moment, not after Ray's start-up."""
-    setup_logging()
+    setup_terminal()
+    job_log = None
     try:
         cfg, args = parse(argv, description, extra)
-        log.info("%s: resolved config\n%s", name, cfg.to_yaml().rstrip())
+        job_log = JobLog(cfg, name)
+        log.info("%s: the full log goes to %s", name, job_log.path)
+        log.info("%s: %s\nresolved config\n%s", name, " ".join(sys.argv), cfg.to_yaml().rstrip(), extra=FILE_ONLY)
         check_torchvision()
         if before_ray is not None:
             before_ray(cfg, args)
-        init_ray()
+        init_ray(job_log)
         yield cfg, args
     except Exception as exc:
         cause = user_error_in(exc)
         if cause is None:
+            log.error("%s failed", name, exc_info=True, extra=FILE_ONLY)
             raise
+        log.error("error: %s", cause, extra=FILE_ONLY)
         sys.stdout.flush()
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if job_log is not None:
+            job_log.close()
 
 
 def user_error_in(exc: BaseException) -> Optional[UserError]:

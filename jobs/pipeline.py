@@ -31,7 +31,10 @@ def _flags(parser) -> None:
 
 
 def build_model(cfg: Config, preset: str) -> None:
+    from transformers.utils import logging as hf_logging
+
     log.info("model.policy: a %s model built from data.train_files into %s", preset, cfg.model.policy)
+    hf_logging.disable_progress_bar()  # its saving bar, one line on the terminal that says nothing
     try:
         build_local_model(cfg.model.policy, iter_texts(split_files(cfg, "train")), preset=preset, seed=cfg.run.seed)
     except ValueError as exc:
@@ -41,7 +44,7 @@ def build_model(cfg: Config, preset: str) -> None:
 def before_ray(cfg: Config, args) -> None:
     if args.build_model:
         build_model(cfg, args.build_model)
-    train_job.check_models(cfg)
+    train_job.check_before_ray(cfg)
 
 
 def main(argv=None) -> None:

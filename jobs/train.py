@@ -11,6 +11,7 @@ from typing import Optional
 from dpo import fingerprint as fpr
 from dpo.config import Config
 from dpo.context import check_model_folders
+from dpo.trackers import check_trackers
 from dpo.trainer import TrainData, needs_reference, train
 from jobs.cli import job
 from jobs.summary import table
@@ -61,12 +62,14 @@ def run(cfg: Config) -> dict:
     return result
 
 
-def check_models(cfg: Config, _args=None) -> None:
+def check_before_ray(cfg: Config, _args=None) -> None:
+    """The model folders and trackers training needs, checked before Ray starts."""
     check_model_folders(cfg.model, policy=True, reference=needs_reference(cfg))
+    check_trackers(cfg)
 
 
 def main(argv=None) -> None:
-    with job("train", argv, __doc__, before_ray=check_models) as (cfg, _):
+    with job("train", argv, __doc__, before_ray=check_before_ray) as (cfg, _):
         run(cfg)
 
 

@@ -70,11 +70,10 @@ def main(argv=None) -> None:
                  cfg.model.dtype)
         scorer = HFScorer(cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=cfg.reference.batch_tokens,
                           trust_remote_code=cfg.model.trust_remote_code,
-                          attn_implementation=cfg.model.attn_implementation)
-        seqs = [(r[schema.PROMPT_IDS], r[response]) for response in (schema.CHOSEN_IDS, schema.REJECTED_IDS)
-                for r in rows]
-        scores = scorer.score(seqs)
-        diffs = compare(rows, list(zip(scores[: len(rows)], scores[len(rows):])))
+                          attn_implementation=cfg.model.attn_implementation,
+                          logits_chunk_size=cfg.model.logits_chunk_size)
+        diffs = compare(rows, scorer.score([(r[schema.PROMPT_IDS], r[schema.CHOSEN_IDS], r[schema.REJECTED_IDS])
+                                            for r in rows]))
         tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[cfg.model.dtype]
         worst = sorted(diffs, key=lambda d: -d["per_token"])
         n = len(diffs)

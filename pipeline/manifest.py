@@ -116,6 +116,11 @@ class ShardWriter:
         self.pairs_done += len(kept)
         self.tokens_done += marker["tokens"]
 
+    @property
+    def rows_in(self) -> int:
+        """Rows received this run, committed or not."""
+        return self.rows_done + sum(len(rows) for rows in self.pending.values())
+
     def incomplete(self) -> dict[str, int]:
         return {s: len(rows) for s, rows in self.pending.items()}
 

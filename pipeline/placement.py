@@ -70,11 +70,11 @@ class GroupHostedScorer:
             ray.util.remove_placement_group(self.group)
             raise
 
-    def score(self, seqs: Sequence) -> list[float]:
+    def score(self, pairs: Sequence) -> list[tuple[float, float]]:
         import ray
 
         try:
-            return ray.get(self.host.score.remote(seqs))
+            return ray.get(self.host.score.remote(pairs))
         except ray.exceptions.RayActorError as exc:
             log.error("the scoring engine in placement group %s died (%s); the scoring actor exits so that "
                       "Ray restarts it", self.group.id.hex(), exc)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator, Optional
 
 from dpo import fingerprint as fpr
 from dpo import storage
 from dpo.config import Config
 from pipeline.prepare import dataset_folder, reuse_if_complete, split_files
-from pipeline.scoring import ReferenceScorer, actor_pool, check_reference_model
+from pipeline.scoring import ReferenceScorer, actor_pool, check_reference_model, map_pool
 from pipeline.stage import run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
 from pipeline.vllm_build import require_vllm
@@ -28,11 +30,38 @@ def scorer(cfg: Config) -> str:
     return "/".join([ref.backend, *engine, cfg.model.dtype])
 
 
+class _CpuHolder:
+    def ready(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def held_cpus(cpus: Optional[float]) -> Iterator[None]:
+    """debug.hold_cpus_after_check: an actor holds `cpus` CPUs (once Ray placed it) until the block ends."""
+    if cpus is None:
+        yield
+        return
+    import ray
+
+    holder = ray.remote(num_cpus=cpus)(_CpuHolder).remote()
+    ray.get(holder.ready.remote(), timeout=120)
+    log.warning("debug.hold_cpus_after_check: an actor now holds %g CPUs", cpus)
+    try:
+        yield
+    finally:
+        ray.kill(holder)
+
+
 def precompute(cfg: Config, split: str = "train") -> dict:
     files = split_files(cfg, split)
     # Fail here, not in a Ray task or actor, when the tokenizer or model cannot load.
     load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code, cfg.model.tokenizer_key)
     check_reference_model(cfg)
+    with held_cpus(cfg.debug.hold_cpus_after_check):
+        return _score(cfg, split, files)
+
+
+def _score(cfg: Config, split: str, files: list[str]) -> dict:
     fingerprint = {**fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION),
                    "scorer": scorer(cfg)}
     folder = dataset_folder(cfg, "reference", split)
@@ -50,5 +79,5 @@ def precompute(cfg: Config, split: str = "train") -> dict:
         "batch_tokens": cfg.reference.batch_tokens,
     }
     with actor_pool(cfg, folder) as pool:
-        return run_stage(cfg, files, folder, fingerprint, score=lambda ds: ds.map_batches(ReferenceScorer, **pool),
+        return run_stage(cfg, files, folder, fingerprint, score=lambda ds: map_pool(ds, ReferenceScorer, pool),
                          manifest_extra=extra)

@@ -15,13 +15,14 @@ import logging
 import os
 import uuid
 import warnings
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 
 from dpo import schema, storage
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, read_model_config
+from dpo.job_cpus import refuse_unless_fits
 from pipeline.placement import GroupHostedScorer, release_placement_groups
 from pipeline.vllm_build import (INSTALL_CPU, INSTALL_CUDA, VLLMBuild, engine_environment, installed_vllm,
                                  require_vllm)
@@ -36,6 +37,8 @@ VLLM_MAX_SEQS = 1024
 
 # (prompt token ids, response token ids)
 PromptResponse = tuple[Sequence[int], Sequence[int]]
+# (prompt, chosen, rejected) token ids of one pair
+Triple = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
 
 # --------------------------------------------------------------------------- hf backend
@@ -66,15 +69,21 @@ def pack_by_tokens(lengths: Sequence[int], batch_tokens: int, max_padding: float
 
 
 class HFScorer:
-    """Reference log-probs with transformers, on CPU or one GPU."""
+    """Reference log-probs with transformers, on CPU or one GPU.
+
+    It runs dpo.forward's PolicyLogps, the training forward: one row per pair
+    (the prompt computed once) where the attention takes a 4D mask (eager,
+    sdpa), and the output head only at the positions that predict a response token.
+    """
 
     def __init__(self, model_path: str, *, dtype: str = "float32", batch_tokens: int = 16384,
                  trust_remote_code: bool = False, attn_implementation: Optional[str] = None,
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, logits_chunk_size: int = 1024):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.torch = torch
+        from dpo.forward import PolicyLogps, check_response_head
+
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if attn_implementation is None and self.device == "cpu":
             # On CPU eager attention scores a sequence bit-identically in any batch; SDPA
@@ -82,42 +91,39 @@ class HFScorer:
             # Sorted batches are barely padded, so eager's masked scores cost little.
             attn_implementation = "eager"
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        self.model = AutoModelForCausalLM.from_pretrained(
+        lm = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, dtype), use_safetensors=True,
             trust_remote_code=trust_remote_code, **kwargs,
         ).to(self.device).eval()
+        self.policy = PolicyLogps(lm, logits_chunk_size)
+        check_response_head(self.policy, self.policy, self.device, contextlib.nullcontext())
+        attention = str(getattr(lm.config, "_attn_implementation", "") or "")
+        self.layout = "shared" if attention in ("eager", "sdpa") else "padded"
         self.batch_tokens = batch_tokens
-        # Padding positions are masked out of attention and labels, so any id will do.
-        self.pad_id = self.model.config.pad_token_id or 0
+        # Padding positions are masked out of attention and never scored, so any id will do.
+        self.pad_id = lm.config.pad_token_id or 0
 
-    def score(self, seqs: Sequence[PromptResponse]) -> list[float]:
-        """Summed log-probs of each response given its prompt, float64, in input order."""
-        lengths = [len(p) + len(r) for p, r in seqs]
-        out = [0.0] * len(seqs)
+    def score(self, pairs: Sequence[Triple]) -> list[tuple[float, float]]:
+        """(chosen, rejected) summed log-probs of each pair's replies given its prompt, float64, in input order."""
+        # The tokens a pair's row(s) take: one row of both replies, or two rows of one each.
+        if self.layout == "shared":
+            lengths = [len(p) + len(c) + len(r) for p, c, r in pairs]
+        else:
+            lengths = [2 * (len(p) + max(len(c), len(r))) for p, c, r in pairs]
+        out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
         for batch in pack_by_tokens(lengths, self.batch_tokens):
-            for i, value in zip(batch, self._forward([seqs[i] for i in batch])):
+            for i, value in zip(batch, self._forward([pairs[i] for i in batch])):
                 out[i] = value
         return out
 
-    def _forward(self, seqs: Sequence[PromptResponse]) -> list[float]:
-        from dpo.logprobs import token_logps
+    def _forward(self, pairs: Sequence[Triple]) -> list[tuple[float, float]]:
+        import torch
 
-        torch = self.torch
-        width = max(len(p) + len(r) for p, r in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, (prompt, response) in enumerate(seqs):
-            n, m = len(prompt), len(response)
-            # Right padding: with a causal mask a real token never sees the padding
-            # after it, so a sequence scores the same in any batch.
-            ids[row, : n + m] = torch.tensor(list(prompt) + list(response))
-            labels[row, n : n + m] = torch.tensor(list(response))
-            attention[row, : n + m] = 1
+        from dpo.forward import lay_out
+
         with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
-            logps, _ = token_logps(logits, labels.to(self.device))
-            return logps.double().sum(-1).tolist()
+            totals = self.policy(lay_out(pairs, self.pad_id, self.layout).to(self.device)).double().tolist()
+        return list(zip(totals[:len(pairs)], totals[len(pairs):]))
 
 
 # --------------------------------------------------------------------------- vllm backend
@@ -220,9 +226,11 @@ class VLLMScorer:
         self.params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
                                           flat_logprobs=True)
 
-    def score(self, seqs: Sequence[PromptResponse]) -> list[float]:
-        """Summed log-probs of each response given its prompt, float64, in input order."""
-        return [sum(values) for values in self.token_logprobs(seqs)]
+    def score(self, pairs: Sequence[Triple]) -> list[tuple[float, float]]:
+        """(chosen, rejected) summed log-probs of each pair's replies given its prompt, in input order."""
+        seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+        sums = [sum(values) for values in self.token_logprobs(seqs)]
+        return list(zip(sums[:len(pairs)], sums[len(pairs):]))
 
     def close(self) -> None:
         """Stop the engine's processes now: left to the interpreter's exit, their shutdown can hang it."""
@@ -289,6 +297,7 @@ class ReferenceScorer:
             self.scorer = HFScorer(
                 cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+                logits_chunk_size=cfg.model.logits_chunk_size,
                 device="cuda" if ref.gpus_per_actor > 0 else "cpu")
         self.fail_after = cfg.debug.fail_scoring_after_batches
         self.fail_marker = fail_marker
@@ -301,12 +310,12 @@ class ReferenceScorer:
         prompts = batch.column(schema.PROMPT_IDS).to_pylist()
         chosen = batch.column(schema.CHOSEN_IDS).to_pylist()
         rejected = batch.column(schema.REJECTED_IDS).to_pylist()
-        seqs = [(prompts[i], chosen[i]) for i in kept] + [(prompts[i], rejected[i]) for i in kept]
-        scores = self.scorer.score(seqs) if seqs else []
+        pairs = [(prompts[i], chosen[i], rejected[i]) for i in kept]
+        scores = self.scorer.score(pairs) if pairs else []
         ref_chosen: list[Optional[float]] = [None] * batch.num_rows
         ref_rejected: list[Optional[float]] = [None] * batch.num_rows
-        for k, i in enumerate(kept):
-            ref_chosen[i], ref_rejected[i] = scores[k], scores[len(kept) + k]
+        for i, (chosen_logp, rejected_logp) in zip(kept, scores):
+            ref_chosen[i], ref_rejected[i] = chosen_logp, rejected_logp
         self.batches += 1
         scored = {schema.REF_CHOSEN_LOGP: ref_chosen, schema.REF_REJECTED_LOGP: ref_rejected}
         for column in schema.SCORES:
@@ -388,40 +397,28 @@ def check_cpu_kv_cache(cfg: Config, hf_config, key: str) -> None:
                         f"offers its tasks (at most {max(nodes) / 2**30:.1f} GiB); lower it")
 
 
+# Ray Data gives each read and tokenize task one CPU (its default for map tasks).
+TASK_CPUS = 1.0
+
+
 def check_pool_fits(cfg: Config) -> None:
-    """Refuse a pool that would take every CPU: the read and tokenize tasks feeding it would never run."""
-    import ray
+    """Refuse a pool that leaves no CPU for the read and tokenize tasks feeding it: they would never run.
 
-    if not ray.is_initialized():
-        return
-    cpus = ray.cluster_resources().get("CPU", 0)
-    wanted = cfg.reference.num_actors * cfg.reference.cpus_per_actor
-    if cpus and wanted >= cpus:
-        raise UserError(
-            f"the scoring pool takes {wanted:g} of the cluster's {cpus:g} CPUs (reference.num_actors x "
-            "reference.cpus_per_actor), leaving none to read and tokenize the input, so it would wait forever; "
-            "lower reference.num_actors or reference.cpus_per_actor (fractions such as 0.5 are fine)"
-        )
-
-
-def _restart_bound(max_restarts: int) -> Callable[[], dict]:
-    """Remote options of each scoring actor, applied over Ray Data's defaults when it starts.
-
-    Ray Data restarts a dead pool actor forever by default, so a deterministic
-    crash (an OOM on one batch) would loop. A bound makes the job fail with the
-    actor's cause: a task in flight is retried on the restarted actor, and fails
-    once the actor is dead for good.
+    Counts the CPUs this job can use (dpo.job_cpus), not the cluster's total: under
+    `ray job submit --entrypoint-num-cpus 1` on 2 CPUs the driver holds one and a
+    1-CPU actor the other.
     """
-
-    def fn() -> dict:
-        return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts > 0 else 0}
-
-    return fn
+    ref = cfg.reference
+    refuse_unless_fits(ref.num_actors * ref.cpus_per_actor + TASK_CPUS,
+                       f"the scoring pool (reference.num_actors={ref.num_actors} x reference.cpus_per_actor="
+                       f"{ref.cpus_per_actor:g}) and its read/tokenize tasks ({TASK_CPUS:g} CPU each)",
+                       lower="reference.num_actors or reference.cpus_per_actor (fractions such as 0.5 are fine)",
+                       fixed=TASK_CPUS)
 
 
 @contextlib.contextmanager
 def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
-    """Keyword arguments of `map_batches(ReferenceScorer, ...)` for the length of one scoring stage.
+    """Keyword arguments of `map_pool(ds, ReferenceScorer, ...)` for the length of one scoring stage.
 
     Tensor-parallel actors make placement groups that outlive them (see
     pipeline.placement): a job that scores twice (train, then eval, then
@@ -444,8 +441,26 @@ def actor_pool(cfg: Config, folder: str) -> Iterator[dict]:
             num_gpus=0 if grouped else ref.gpus_per_actor,
             batch_format="pyarrow",
             batch_size=ref.pairs_per_call,
-            ray_remote_args_fn=_restart_bound(ref.max_restarts),
+            # Ray Data restarts a dead pool actor forever by default, so a deterministic
+            # crash (an OOM on one batch) would loop. A bound makes the job fail with the
+            # actor's cause: a task in flight is retried on the restarted actor, and fails
+            # once the actor is dead for good.
+            max_restarts=ref.max_restarts,
+            max_task_retries=-1 if ref.max_restarts > 0 else 0,
         )
     finally:
         if grouped:
             release_placement_groups(prefix)
+
+
+def map_pool(ds, cls, pool: dict):
+    """`ds.map_batches(cls, **pool)`, `pool` from actor_pool, without a deprecation warning from Ray.
+
+    Ray 2.60's map_batches has no named parameter for the actors' max_restarts and
+    max_task_retries; it takes them only through **ray_remote_args or
+    ray_remote_args_fn, both deprecated. map_batches_internal, the developer API
+    that map_batches calls after its own checks (a batch_size of at least 1, which
+    actor_pool always sets), takes them as they are; Ray's own batch-inference
+    stages call it for the same reason.
+    """
+    return ds.map_batches_internal(cls, **pool)

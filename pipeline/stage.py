@@ -7,14 +7,21 @@ duplicate ids and the size of every shard, then the full pass streams rows
 through tokenization (and scoring) into per-shard files. Knowing every shard's
 size up front is what lets the writer commit a shard the moment it is whole,
 and a rerun skip exactly the shards that were committed.
+
+Both passes fail, naming the resources, when they deliver nothing for
+run.stall_timeout_s while tasks or actors wait for resources that nothing
+frees (`StallWatch`): on a full cluster Ray would otherwise wait forever, and
+say nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 import ray
@@ -25,6 +32,116 @@ from pipeline.read import RAW_SCHEMA, UnreadableFile, read_file_rows
 from pipeline.tokenize import find_duplicates, tokenize_batch
 
 log = logging.getLogger(__name__)
+
+# How often the driver looks at the cluster while no batch comes (at most), and logs its progress.
+POLL_S = 5.0
+PROGRESS_EVERY_S = 30.0
+
+
+def waiting_demands() -> list[tuple[dict, int]]:
+    """(resources, count) that tasks, actors and placement groups wait for: `ray status`'s Pending Demands.
+
+    Empty while the autoscaler launches or starts nodes: the wait then ends by itself.
+    """
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    if status.pending_launches or status.pending_nodes:
+        return []
+    demands = status.resource_demands
+    return [(b.bundle, b.count) for d in demands.ray_task_actor_demand + demands.placement_group_demand
+            for b in d.bundles_by_count]
+
+
+class StallWatch:
+    """Fails a stage that has delivered nothing for `timeout_s` while something waits on resources throughout."""
+
+    def __init__(self, timeout_s: Optional[float], what: str):
+        self.timeout_s, self.what = timeout_s, what
+        self.waiting_since: Optional[float] = None
+
+    @property
+    def poll_s(self) -> float:
+        return POLL_S if self.timeout_s is None else min(POLL_S, self.timeout_s / 5)
+
+    def progressed(self) -> None:
+        self.waiting_since = None
+
+    def check(self) -> None:
+        """Called when a poll brought nothing."""
+        if self.timeout_s is None:
+            return
+        demands = waiting_demands()
+        if not demands:
+            self.waiting_since = None
+            return
+        now = time.monotonic()
+        if self.waiting_since is None:
+            self.waiting_since = now
+        elif now - self.waiting_since >= self.timeout_s:
+            raise UserError(self._message(demands))
+
+    def _message(self, demands: list[tuple[dict, int]]) -> str:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        names = sorted({name for bundle, _ in demands for name in bundle})
+        asked = ", ".join(f"{n} x {_resources(bundle)}" for bundle, n in demands)
+        have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g}" for name in names)
+        return (f"run.stall_timeout_s: {self.what} delivered nothing for {self.timeout_s:g} s while tasks or actors "
+                f"waited for resources ({asked}; free: {have}); whatever holds them (another job, this job's driver "
+                "under ray job submit --entrypoint-num-cpus, this job's own actors) does not give them up: free or "
+                "add resources, ask for fewer (reference.num_actors, reference.cpus_per_actor), or raise "
+                "run.stall_timeout_s (null: wait forever)")
+
+
+def _resources(bundle: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items())) + "}"
+
+
+def watched_batches(ds: ray.data.Dataset, watch: StallWatch) -> Iterator[pa.Table]:
+    """`ds.iter_batches()`, in the caller's thread, failing by `watch` when the stream stalls.
+
+    Ray Data's iterator blocks without a timeout, so a thread pulls the batches
+    and this generator waits for each with one. After a stall the thread is
+    left to the process's end (the jobs exit on it); should the stream move
+    again it stops at its next batch and Ray Data shuts the stream down.
+    """
+    items: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if not put(("batch", batch)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            put(("error", exc))
+
+    threading.Thread(target=pull, name="raydpo-stream", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, item = items.get(timeout=watch.poll_s)
+            except queue.Empty:
+                watch.check()
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            watch.progressed()
+            yield item
+    finally:
+        stop.set()
 
 
 def _read_files(batch: dict, *, fmt: str, shard_rows: int, skip_shards: frozenset, ids_only: bool):
@@ -69,7 +186,8 @@ def scan(files: list[str], cfg: Config) -> Scan:
     """Pass 1: shard sizes, duplicate ids, unreadable files."""
     cols = ["file", "file_index", "line", "shard", "shard_rows", "pair_id", "id_from_content", "error"]
     ids, shard_sizes, unreadable = [], {}, []
-    for batch in read_dataset(files, cfg, ids_only=True).iter_batches(batch_format="pyarrow", batch_size=None):
+    watch = StallWatch(cfg.run.stall_timeout_s, f"the scan of {len(files)} input file(s)")
+    for batch in watched_batches(read_dataset(files, cfg, ids_only=True), watch):
         for row in batch.select(cols).to_pylist():
             if row["line"] == 0:
                 unreadable.append({"file": row["file"], "line": None, "pair_id": None,
@@ -123,8 +241,13 @@ def run_stage(
         ds = tokenized_dataset(sc, cfg, done)
         if score is not None:
             ds = score(ds)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        todo_rows, logged = sum(todo.values()), time.monotonic()
+        for batch in watched_batches(ds, StallWatch(cfg.run.stall_timeout_s, f"the stage writing {folder}")):
             writer.add(batch)
+            if time.monotonic() - logged >= PROGRESS_EVERY_S:
+                logged = time.monotonic()
+                log.info("%s: %d of %d rows through, %d of %d shards written", folder, writer.rows_in, todo_rows,
+                         writer.committed, len(todo))
     if writer.incomplete():
         raise RuntimeError(f"the stream ended with incomplete shards {writer.incomplete()}; rerun to finish them")
     elapsed = max(time.time() - t_stream, 1e-9)

@@ -1,14 +1,18 @@
 """Promise: the quickstart runs unchanged under `ray job submit` on a real Ray cluster with token
-authentication, and a submission without the cluster's token is refused.
+authentication, and a submission without the cluster's token is refused. On this cluster of 2 CPUs the
+README's command, word for word, is refused before anything starts, naming the fix (it used to wait
+forever); a stall the check cannot foresee fails the stage after run.stall_timeout_s, naming what waits.
 
 The cluster is this machine alone: `ray start --head --block` on 127.0.0.1 with free ports, run as a
-child process and ended by the test (never `ray stop`, which would stop every Ray on the machine).
+child process and ended by the module's finalizer (never `ray stop`, which would stop every Ray on the
+machine).
 """
 
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -76,6 +80,33 @@ def cluster(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """One quickstart model for the module's jobs: the first `--build-model quickstart` builds it, the rest keep it."""
+    return tmp_path_factory.mktemp("quickstart") / "model"
+
+
+def readme_submit(cluster, entrypoint_cpus: str = "1") -> list[str]:
+    """The README's `ray job submit` command, word for word but for the cluster's address, on the quickstart's
+    config instead of the production one (whose vLLM pool wants GPUs); `entrypoint_cpus` replaces its 1."""
+    text = (ROOT / "README.md").read_text()
+    command = re.search(r"^ray job submit --address http://HEAD:8265 .*?--config configs/production\.yaml$", text,
+                        re.S | re.M).group(0)
+    args = shlex.split(command.replace("\\\n", " "))
+    assert args[args.index("--entrypoint-num-cpus") + 1] == "1", "the README's command changed: change this test too"
+    args[args.index("--entrypoint-num-cpus") + 1] = entrypoint_cpus
+    args[args.index("http://HEAD:8265")] = cluster["address"]
+    args[args.index("configs/production.yaml")] = "configs/quickstart.yaml"
+    return [str(BIN / "ray"), *args[1:]]
+
+
+def error_line(output: str) -> str:
+    """The job's one `error:` line; `ray job submit` shows the job's last lines twice when it fails."""
+    lines = {line for line in output.splitlines() if line.startswith("error: ")}
+    assert len(lines) == 1, output[-4000:]
+    return lines.pop()
+
+
 def submit(cluster, env, args, timeout=900):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "*.egg-info"]}),
@@ -83,11 +114,11 @@ def submit(cluster, env, args, timeout=900):
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_quickstart_job_succeeds_on_a_token_cluster(cluster, tmp_path):
+def test_quickstart_job_succeeds_on_a_token_cluster(cluster, model_dir, tmp_path):
     out = tmp_path / "run"
     proc = submit(cluster, cluster["env"], [
         "python", "-m", "jobs.pipeline", "--config", "configs/quickstart.yaml", "--build-model", "quickstart",
-        f"run.output_dir={out}", f"model.policy={tmp_path / 'model'}", "train.max_steps=6",
+        f"run.output_dir={out}", f"model.policy={model_dir}", "train.max_steps=6",
         "train.eval_every=3", "train.checkpoint_every=3"])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -102,6 +133,10 @@ def test_quickstart_job_succeeds_on_a_token_cluster(cluster, tmp_path):
         assert (out / path).exists(), path
     steps = [json.loads(x)["step"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps and steps[-1] == 6
+    # 84 lines in a clean run: Ray's client's 25 (the upload, the submission and its next steps, the status) and
+    # the job's 59 (the log file's name, the build, each stage's rows, progress and table, the training's first
+    # line, 2 progress lines and 2 tables). The resolved config alone used to print 65.
+    assert len(log.splitlines()) <= 100, log
 
 
 @pytest.mark.parametrize("credentials", ["none", "wrong"])
@@ -118,3 +153,37 @@ def test_submission_without_the_token_is_refused(cluster, credentials):
 
 def test_ray_cli_is_on_path():
     assert shutil.which("ray", path=str(BIN)), "ray[default] must be installed for ray job submit"
+
+
+def test_the_readme_command_on_2_cpus_is_refused_up_front_naming_the_fix(cluster, model_dir, tmp_path):
+    """2 CPUs, of which the driver holds 1 (--entrypoint-num-cpus 1): the job can use 1. The scoring pool
+    (1 actor x 1 CPU) and its read/tokenize tasks (1 CPU each) need 1 + 1 = 2. It used to wait forever,
+    the driver and the actor holding both CPUs, with no warning. Lowering the pool cannot help (the tasks
+    alone take the 1 CPU), so the fixes named are the driver's flag and more CPUs."""
+    args = readme_submit(cluster) + ["--build-model", "quickstart", f"model.policy={model_dir}",
+                                     f"run.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(args, env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]  # ray job submit: the job FAILED
+    assert error_line(proc.stdout + proc.stderr) == (
+        "error: the scoring pool (reference.num_actors=1 x reference.cpus_per_actor=1) and its read/tokenize "
+        "tasks (1 CPU each) need 2 CPUs, but this job can use 1 of the cluster's 2 (1 held already: by this "
+        "job's driver under ray job submit --entrypoint-num-cpus, or by other jobs), so it would wait forever; "
+        "submit with --entrypoint-num-cpus 0 (the driver then shares its CPUs), or add CPUs to the cluster")
+    assert not (tmp_path / "run" / "reference").exists(), "refused before the stage started"
+
+
+def test_a_stall_the_check_cannot_foresee_fails_the_stage_naming_what_waits(cluster, model_dir, tmp_path):
+    """With the fix (--entrypoint-num-cpus 0) the plan fits: 1 + 1 = 2 of 2 CPUs. Right after the check an
+    actor takes 1 CPU (debug.hold_cpus_after_check=1), as another job would. The scan's read task still
+    runs on the other; then the scoring actor takes it, and the tokenize task waits for {CPU: 1} with 0 of
+    2 free. Nothing is written for run.stall_timeout_s=15 s, and the stage fails naming that wait."""
+    out = tmp_path / "run"
+    args = readme_submit(cluster, entrypoint_cpus="0") + [
+        "--build-model", "quickstart", f"model.policy={model_dir}", f"run.output_dir={out}",
+        "debug.hold_cpus_after_check=1", "run.stall_timeout_s=15"]
+    proc = subprocess.run(args, env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    line = error_line(proc.stdout + proc.stderr)
+    assert line.startswith(f"error: run.stall_timeout_s: the stage writing {out / 'reference'} delivered nothing "
+                           "for 15 s while tasks or actors waited for resources (1 x {CPU: 1}; free: CPU 0 of 2); "), line
+    assert "--entrypoint-num-cpus" in line and "reference.num_actors" in line

@@ -33,6 +33,11 @@ def test_overrides_are_yaml_scalars_and_lists():
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1]"], "train.loss_weights has 1 entries"),
     (["train.num_workers"], "is not key=value"),
     (["train.num_workers.x=1"], "config key 'train.num_workers': input should be a valid integer"),
+    # The knob train.report_to replaced: an old config is told what to write instead.
+    (["train.tensorboard=true"], "train.tensorboard is gone: list the trackers in train.report_to instead, "
+                                 "e.g. train.report_to: [tensorboard]"),
+    (["train.report_to=[wandb,comet]"], "config key 'train.report_to.1': input should be 'tensorboard', 'wandb' "
+                                        "or 'mlflow' (got 'comet')"),
 ])
 def test_mistakes_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
@@ -70,7 +75,7 @@ def test_every_loss_option_is_a_train_key_that_reaches_the_loss():
     import torch
 
     from dpo.loss_options import LOSS_OPTION_NAMES
-    from dpo.train_loop import _losses
+    from dpo.train_loop import micro_batch_losses
 
     mb = SimpleNamespace(ref_chosen=torch.tensor([-3.0]), ref_rejected=torch.tensor([-3.5]),
                          chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
@@ -79,7 +84,7 @@ def test_every_loss_option_is_a_train_key_that_reaches_the_loss():
     for tau in (None, 0.15):
         cfg = load_config(None, ["train.loss_type=discopop"] + ([f"train.discopop_tau={tau}"] if tau else []))
         assert set(LOSS_OPTION_NAMES) <= set(cfg.train.model_dump())
-        losses[tau] = _losses(cfg.train, *policy, mb).losses.item()
+        losses[tau] = micro_batch_losses(cfg.train, *policy, mb).losses.item()
     assert losses[None] == pytest.approx(0.849338, abs=2e-6)
     assert losses[0.15] == pytest.approx(0.796229, abs=2e-6)
 
@@ -94,3 +99,15 @@ def test_loss_mistakes_name_their_train_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert str(err.value).startswith(message)
+
+
+def test_on_and_off_switches_survive_yaml_booleans(tmp_path):
+    """YAML 1.1 reads a bare off as False: in an override and in a file, train.prefix_sharing=off is still "off"."""
+    cfg = load_config(None, ["train.prefix_sharing=off", "train.packing=on", "train.response_logits=off"])
+    assert (cfg.train.prefix_sharing, cfg.train.packing, cfg.train.response_logits) == ("off", "on", "off")
+    (tmp_path / "c.yaml").write_text("train:\n  prefix_sharing: off\n")
+    assert load_config(str(tmp_path / "c.yaml")).train.prefix_sharing == "off"
+    with pytest.raises(ConfigError, match="train.response_logits"):
+        load_config(None, ["train.response_logits=on"])
+    with pytest.raises(ConfigError, match="train.packing=on and train.prefix_sharing=on"):
+        load_config(None, ["train.packing=on", "train.prefix_sharing=on"])

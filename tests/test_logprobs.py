@@ -2,64 +2,74 @@
 
 import math
 
+import pytest
 import torch
 
-from dpo.logprobs import sequence_logps, token_logps
+from dpo.logprobs import chunked_token_logps, gathered_token_logps
 
 
-def loop_logps(logits, labels, average=False, ignore_index=-100):
-    out = []
-    for b in range(labels.shape[0]):
-        total, count = 0.0, 0
-        for t in range(1, labels.shape[1]):
-            if labels[b, t] == ignore_index:
-                continue
-            total += float(torch.log_softmax(logits[b, t - 1].double(), dim=-1)[labels[b, t]])
-            count += 1
-        out.append(total / count if average and count else (0.0 if average else total))
-    return torch.tensor(out, dtype=torch.float64)
+def loop_logps(logits, targets):
+    """log_softmax(logits[n])[targets[n]], one row at a time, in float64."""
+    return torch.tensor([float(torch.log_softmax(logits[n].double(), dim=-1)[targets[n]])
+                         for n in range(len(targets))], dtype=torch.float64)
 
 
-def batch():
+def head_and_rows(n=13, hidden=6, vocab=11, tied=False):
     torch.manual_seed(0)
-    logits = torch.randn(4, 7, 11) * 3
-    labels = torch.randint(0, 11, (4, 7))
-    labels[0, :3] = -100            # a prompt
-    labels[1, 5:] = -100            # padding
-    labels[2, :] = -100             # no counted token at all
-    labels[3, 0] = -100
-    return logits, labels
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    if tied:  # an output head that shares its weight with an embedding, as tied models do
+        embedding = torch.nn.Embedding(vocab, hidden)
+        head.weight = embedding.weight
+    h = torch.randn(n, hidden) * 3
+    targets = torch.randint(0, vocab, (n,))
+    return head, h, targets
 
 
-def test_sum_matches_loop():
-    logits, labels = batch()
-    assert torch.allclose(sequence_logps(logits, labels).double(), loop_logps(logits, labels), atol=1e-5)
+def test_a_worked_example():
+    """Logits [0, ln 3] at one position, target 1: log(3 / (1 + 3)) = ln 0.75 = -0.287682."""
+    head = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0], [math.log(3)]]))
+    got = chunked_token_logps(head, torch.ones(1, 1), torch.tensor([1]), chunk_size=1)
+    assert got.item() == pytest.approx(math.log(0.75), abs=1e-7)
 
 
-def test_average_matches_loop():
-    logits, labels = batch()
-    got = sequence_logps(logits, labels, average=True).double()
-    assert torch.allclose(got, loop_logps(logits, labels, average=True), atol=1e-5)
+@pytest.mark.parametrize("chunk", [1, 4, 13, 100])
+def test_chunks_equal_the_loop(chunk):
+    head, h, targets = head_and_rows()
+    with torch.no_grad():
+        expected = loop_logps(head(h), targets)
+        got = chunked_token_logps(head, h, targets, chunk)
+    assert got.dtype == torch.float32 and got.shape == (13,)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
-def test_row_without_counted_tokens_is_zero_not_nan():
-    logits, labels = batch()
-    for average in (False, True):
-        value = float(sequence_logps(logits, labels, average=average)[2])
-        assert value == 0.0 and not math.isnan(value)
+def test_gathered_full_logits_equal_the_loop():
+    """Flat index 2*4 + 1 = row 2, position 1 of a [3, 4, V] grid."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 4, 11)
+    index, targets = torch.tensor([9, 0, 11]), torch.tensor([5, 2, 7])
+    got = gathered_token_logps(logits.to(torch.bfloat16), index, targets)
+    assert got.dtype == torch.float32
+    expected = loop_logps(logits.to(torch.bfloat16).reshape(12, 11)[index], targets)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
-def test_first_label_is_never_scored():
-    """logits[:, t] predict labels[:, t+1]: the label at position 0 has nothing before it."""
-    logits, labels = batch()
-    changed = labels.clone()
-    changed[3, 0] = 5
-    assert torch.equal(sequence_logps(logits, labels), sequence_logps(logits, changed))
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpointed_chunks_give_the_unchunked_gradients(tied):
+    """Recomputing each chunk's logits in backward changes nothing: the gradients of the head's weight and of the
+    hidden states equal those of one unchunked pass."""
+    head, h, targets = head_and_rows(tied=tied)
+    grads = []
+    for chunk in (13, 3):
+        head.zero_grad()
+        x = h.clone().requires_grad_(True)
+        chunked_token_logps(head, x, targets, chunk).sum().backward()
+        grads.append((head.weight.grad.clone(), x.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_token_logps_mask_and_dtype():
-    logits, labels = batch()
-    logps, mask = token_logps(logits.to(torch.bfloat16), labels)
-    assert logps.dtype == torch.float32 and logps.shape == (4, 6)
-    assert torch.equal(mask, labels[:, 1:] != -100)
-    assert torch.all(logps[~mask] == 0)
+def test_no_scored_position_gives_an_empty_result():
+    head, h, targets = head_and_rows()
+    assert chunked_token_logps(head, h[:0], targets[:0], 4).shape == (0,)

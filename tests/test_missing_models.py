@@ -57,6 +57,27 @@ def test_a_bare_model_name_fails_at_once_without_the_hub(tmp_path, monkeypatch, 
     assert seconds < 2, f"took {seconds:.1f} s: something tried the hub or started Ray"
 
 
+def test_an_error_shows_the_log_file_and_one_line_and_the_file_holds_the_config(tmp_path, monkeypatch, capsys):
+    """The terminal used to get 65 lines of resolved config before every error. Now stdout names the log file
+    and stderr has the error; the file has both, and the config between them."""
+    from jobs import prepare
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        prepare.main(["--config", QUICKSTART, "model.policy=nope"])
+    captured = capsys.readouterr()
+    (logs,) = (tmp_path / "runs" / "quickstart" / "logs").iterdir()
+    assert logs.name.startswith("prepare-") and logs.suffix == ".log"
+    assert [line.split(" ", 1)[1] for line in captured.out.splitlines()] == [
+        f"INFO raydpo: prepare: the full log goes to runs/quickstart/logs/{logs.name}"]
+    assert len(captured.err.splitlines()) == 1
+    text = logs.read_text()
+    assert "resolved config\nrun:\n  name: quickstart\n" in text
+    assert text.rstrip().endswith("ERROR raydpo: error: model.policy: nope is not a folder; give the path of a "
+                                  "Hugging Face model folder (models are read from local folders, never from the "
+                                  "model hub)")
+
+
 def test_a_missing_tokenizer_names_model_tokenizer(tiny_model, tmp_path, monkeypatch, capsys):
     """model.tokenizer was set, so it is the key to fix, although the policy folder is fine."""
     monkeypatch.chdir(tmp_path)

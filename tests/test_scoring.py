@@ -58,30 +58,28 @@ def test_pack_by_tokens_keeps_budget_and_bounds_padding():
 def test_hf_scores_equal_one_pair_per_forward(tiny_model, independent_logp):
     pairs = example_pairs(tiny_model, 24)
     scorer = HFScorer(tiny_model, batch_tokens=512)
-    scores = scorer.score([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs])
-    expected = [independent_logp(tiny_model, p, c) for p, c, _ in pairs] + \
-               [independent_logp(tiny_model, p, r) for p, _, r in pairs]
+    scores = [s for pair in scorer.score(pairs) for s in pair]
+    expected = [independent_logp(tiny_model, p, reply) for p, c, r in pairs for reply in (c, r)]
     assert max(abs(a - b) for a, b in zip(scores, expected)) < 1e-5
 
 
 @pytest.mark.parametrize("attn, tolerance", [("eager", 0.0), ("sdpa", 1e-5)])
 def test_hf_score_does_not_depend_on_its_batch(tiny_model, attn, tolerance):
-    """Right padding + a causal mask: a sequence never sees its batch-mates' padding.
+    """Right padding + a per-row mask: a pair never sees its batch-mates or their padding.
 
     With eager attention the scores are bit-identical whatever the batch. SDPA
     takes a different kernel for an unpadded batch than for a masked one; the
     difference is fp32 rounding (~1e-8 relative, ~1e-6 on a 150-nat sum).
     """
     pairs = example_pairs(tiny_model, 40)
-    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     scorer = HFScorer(tiny_model, batch_tokens=1, attn_implementation=attn)
-    alone = scorer.score(seqs)
+    alone = scorer.score(pairs)
     for budget in (64, 300, 100_000):
         scorer.batch_tokens = budget
-        shuffled = list(range(len(seqs)))
+        shuffled = list(range(len(pairs)))
         random.Random(budget).shuffle(shuffled)
-        got = scorer.score([seqs[i] for i in shuffled])
-        assert max(abs(got[k] - alone[i]) for k, i in enumerate(shuffled)) <= tolerance
+        got = scorer.score([pairs[i] for i in shuffled])
+        assert max(abs(a - b) for k, i in enumerate(shuffled) for a, b in zip(got[k], alone[i])) <= tolerance
 
 
 def _config(model: str, **overrides) -> object:
@@ -333,9 +331,10 @@ def test_vllm_scores_match_hf_in_fp32(tiny_model):
     # The longest sequence is exactly data.max_length, as truncation makes them.
     cfg = _config(tiny_model, **{"data.max_length": longest, "data.max_prompt_length": 1,
                                  "reference.gpu_memory_utilization": 0.3, "reference.gpus_per_actor": 1})
-    expected = HFScorer(tiny_model, batch_tokens=4096, device="cuda").score(seqs)
-    got = VLLMScorer(vllm_engine_args(cfg)).score(seqs)
-    per_token = [abs(a - b) / len(r) for a, b, (_, r) in zip(got, expected, seqs)]
+    expected = [s for pair in HFScorer(tiny_model, batch_tokens=4096, device="cuda").score(pairs) for s in pair]
+    got = [s for pair in VLLMScorer(vllm_engine_args(cfg)).score(pairs) for s in pair]
+    replies = [reply for _, c, r in pairs for reply in (c, r)]
+    per_token = [abs(a - b) / len(r) for a, b, r in zip(got, expected, replies)]
     assert max(per_token) < 1e-3
 
 
@@ -347,7 +346,7 @@ def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_s
     """Ray Data restarts pool actors forever by default; actor_pool bounds it by reference.max_restarts."""
     import ray
 
-    from pipeline.scoring import actor_pool
+    from pipeline.scoring import actor_pool, map_pool
 
     class AlwaysCrashes:
         def __init__(self, **_):  # actor_pool's constructor arguments are ReferenceScorer's
@@ -359,7 +358,7 @@ def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_s
     cfg = _config(tiny_model, **{"reference.max_restarts": 1, "reference.pairs_per_call": 4})
     t0 = time.time()
     with pytest.raises(Exception) as info, actor_pool(cfg, str(tmp_path)) as pool:
-        ray.data.from_items([{"x": i} for i in range(8)]).map_batches(AlwaysCrashes, **pool).materialize()
+        map_pool(ray.data.from_items([{"x": i} for i in range(8)]), AlwaysCrashes, pool).materialize()
     assert time.time() - t0 < 120
     assert "died" in str(info.value).lower() or "ActorDiedError" in repr(info.value)
 
@@ -368,7 +367,7 @@ TP_POOLS = """
 import os, sys, ray
 from dpo.config import load_config
 from pipeline.placement import GroupHostedScorer
-from pipeline.scoring import actor_pool
+from pipeline.scoring import actor_pool, map_pool
 
 ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # 2 logical GPUs
 # The driver sees vLLM's CUDA build, which tensor parallelism runs on; the engine below stands in for it.
@@ -422,7 +421,7 @@ for stage, fail in (("train", "first-call"), ("eval", None), ("broken", "init"))
         with actor_pool(cfg, sys.argv[2]) as pool:
             pool["fn_constructor_kwargs"]["fail"] = fail
             prefix = pool["fn_constructor_kwargs"]["group_prefix"]
-            rows = ray.data.range(8).map_batches(Scorer, **pool).take_all()
+            rows = map_pool(ray.data.range(8), Scorer, pool).take_all()
         print(stage, "scored", sorted(r["score"] for r in rows) == list(range(8)), *groups(prefix), flush=True)
     except Exception as exc:
         print(stage, "failed", "engine failed to start" in str(exc), *groups(prefix), flush=True)

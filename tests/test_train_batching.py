@@ -1,12 +1,10 @@
-"""The epoch plan, micro-batch slicing, and padded vs packed log-probs."""
+"""The epoch plan and micro-batch slicing (the layouts of a micro-batch: tests/test_forward.py)."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
-from dpo.batching import (IGNORE, Pairs, collate, epoch_plan, packing_supported, pairs_batch, policy_logps,
-                          rank_micro_batches)
+from dpo.batching import Pairs, epoch_plan, pairs_batch, rank_micro_batches
 
 
 def random_pairs(n=24, vocab=200, seed=0, scored=True):
@@ -83,29 +81,3 @@ def test_ranks_split_each_global_batch_exactly(world, accum):
     parts = [mb for r in range(world) for mb in rank_micro_batches(batch, r, world, accum)]
     assert sorted(np.concatenate(parts)) == sorted(batch)
     assert {len(p) for p in parts} == {16 // (world * accum)}
-
-
-def test_labels_mask_prompt_and_padding():
-    pairs = Pairs.from_tables([random_pairs(4)])
-    mb = collate(pairs, np.arange(4), pad_id=0, packed=False)
-    assert mb.input_ids.shape[0] == 8
-    for j, i in enumerate(list(range(4)) * 2):
-        response = (pairs.chosen if j < 4 else pairs.rejected)[i]
-        counted = mb.labels[j][mb.labels[j] != IGNORE].numpy()
-        assert np.array_equal(counted, response)
-        assert int(mb.attention_mask[j].sum()) == len(pairs.prompt[i]) + len(response)
-
-
-@pytest.mark.parametrize("average", [False, True])
-def test_packed_logps_equal_padded(tiny_model, average):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    pairs = Pairs.from_tables([random_pairs(6, vocab=model.config.vocab_size)])
-    rows = np.arange(6)
-    with torch.no_grad():
-        padded = policy_logps(model, collate(pairs, rows, 0, packed=False), average=average)
-        packed = policy_logps(model, collate(pairs, rows, 0, packed=True), average=average)
-        assert packing_supported(model, pairs, 0)
-    for a, b in zip(padded, packed):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()

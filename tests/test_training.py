@@ -7,17 +7,24 @@ import json
 import math
 import os
 import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 
 from dpo import storage
-from dpo.batching import Pairs, collate, policy_logps
+from dpo.batching import Pairs, collate
 from dpo.checkpoint import read_metrics
 from dpo.config import UserError, load_config
 from dpo.fingerprint import read_manifest
+from dpo.forward import PolicyLogps, sequence_logps
 from dpo.trainer import train
 from jobs.train import find_datasets
 from pipeline.precompute import precompute
@@ -30,6 +37,8 @@ TIMING = {"tokens_per_second"}
 TRAIN = ["train.loss_type=sigmoid", "train.beta=0.1", "train.learning_rate=2e-3", "train.lr_scheduler=constant",
          "train.max_steps=8", "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
          "train.eval_every=4", "train.max_failures=0", "train.cpus_per_worker=1"]
+# The trackers run on two_workers and on the stop-and-resume runs: no Ray run of their own.
+TRACKERS = "train.report_to=[tensorboard,wandb,mlflow]"
 
 
 def head(src, dst, n):
@@ -64,7 +73,7 @@ def run(base, out, *extra):
 
 @pytest.fixture(scope="module")
 def two_workers(base, tmp_path_factory):
-    return run(base, tmp_path_factory.mktemp("two"), "train.num_workers=2", "train.batch_size=4")
+    return run(base, tmp_path_factory.mktemp("two"), "train.num_workers=2", "train.batch_size=4", TRACKERS)
 
 
 @pytest.fixture(scope="module")
@@ -120,15 +129,28 @@ def test_two_workers_match_one_worker_with_double_batch(one_worker, two_workers)
 
 
 def test_stop_and_resume_matches_uninterrupted(base, tmp_path, two_workers):
+    """Stopped after step 4 (its last checkpoint) and submitted again: the second job trains steps 5-8, and
+    continues the tracker runs the first began: one W&B run id in both of W&B's run folders, one MLflow
+    run, and each of steps 1-8 logged once to every tracker."""
     out = tmp_path / "resumed"
-    run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=4")
-    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4")
+    run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=4", TRACKERS)
+    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", TRACKERS)
     _, full, expected = two_workers
     assert [m["step"] for m in metrics] == list(range(1, 9))
     for got, want in zip(metrics, expected):
         close(got, want, 1e-6)
     w, v = weights(result["policy"]), weights(full["policy"])
     assert all(torch.allclose(w[k], v[k], atol=1e-6, rtol=0) for k in w)
+
+    train_dir = out / "train"
+    wandb_runs = wandb_records(train_dir)
+    assert len(wandb_runs) == 2
+    assert len({r["run"]["run_id"] for records in wandb_runs for r in records if r["type"] == "run"}) == 1
+    assert sorted(r["history"]["step"]["num"] for records in wandb_runs for r in records
+                  if r["type"] == "history") == list(range(1, 9))
+    (mlflow_run,) = mlflow_runs(train_dir)
+    assert [m.step for m in mlflow_history(train_dir, mlflow_run, "loss")] == list(range(1, 9))
+    assert sorted(step for (tag, step) in tensorboard_values(train_dir) if tag == "loss") == list(range(1, 9))
 
 
 def test_worker_failure_recovers_exactly(base, tmp_path, two_workers):
@@ -143,6 +165,86 @@ def test_worker_failure_recovers_exactly(base, tmp_path, two_workers):
     assert all(torch.allclose(w[k], v[k], atol=1e-6, rtol=0) for k in w)
 
 
+def wandb_records(train_dir) -> list[list[dict]]:
+    """The records of each W&B offline run folder, oldest first, as W&B itself reads its transaction log."""
+    runs = []
+    for folder in sorted((train_dir / "wandb").glob("offline-run-*")):
+        lines = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(folder)],
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+        runs.append([json.loads(line) for line in lines if line.strip()])
+    return runs
+
+
+def mlflow_runs(train_dir) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{train_dir}/mlflow.db")
+    return mlflow.search_runs(experiment_names=["raydpo"], output_format="list")
+
+
+def mlflow_history(train_dir, mlflow_run, key: str) -> list:
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{train_dir}/mlflow.db").get_metric_history(mlflow_run.info.run_id, key)
+    return sorted(history, key=lambda m: m.step)
+
+
+def tensorboard_values(train_dir) -> dict:
+    """{(tag, step): value} of every event file, a scalar's float or a text's string: TFRecord framing (length,
+    its CRC, data, its CRC) around the Event protos that tensorboardX writes."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    values = {}
+    for path in sorted((train_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack_from("<Q", data, at)
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                assert (value.tag, event.step) not in values, (value.tag, event.step)
+                values[value.tag, event.step] = (value.simple_value if value.WhichOneof("value") == "simple_value"
+                                                 else value.tensor.string_val[0].decode())
+    return values
+
+
+def test_trackers_hold_rank_0s_metrics_records(two_workers):
+    """train.report_to=[tensorboard, wandb, mlflow] on two workers. Each tracker holds one run, rank 0's (rank
+    1 logging too would make two W&B folders and two MLflow runs), named run.name ("dpo"), with the resolved
+    config (train/config.yaml; in TensorBoard as text at step 0), and every number of every metrics.jsonl record but the step, at its step:
+    exactly in W&B and MLflow (float64), to float32 in TensorBoard. A record's None (a non-finite value)
+    is left out; this run has none."""
+    cfg, _, metrics = two_workers
+    train_dir = Path(cfg.run.output_dir) / "train"
+    resolved = yaml.safe_load((train_dir / "config.yaml").read_text())
+    expected = {m["step"]: {k: v for k, v in m.items() if k != "step"} for m in metrics}
+    assert len(expected) == 8 and all(v is not None for m in expected.values() for v in m.values())
+
+    (records,) = wandb_records(train_dir)
+    (header,) = [r["run"] for r in records if r["type"] == "run"]
+    assert header["display_name"] == "dpo" and header["project"] == "raydpo"
+    assert {k: v for k, v in header["config"]["update"].items() if k != "_wandb"} == resolved
+    history = {r["history"]["step"]["num"]: {k: v for k, v in r["history"]["item"].items() if k[0] != "_"}
+               for r in records if r["type"] == "history"}
+    assert history == expected
+
+    (mlflow_run,) = mlflow_runs(train_dir)
+    assert mlflow_run.info.run_name == "dpo" and mlflow_run.info.status == "FINISHED"
+    params = mlflow_run.data.params
+    assert params["train.beta"] == "0.1" and params["run.output_dir"] == resolved["run"]["output_dir"]
+    assert params["train.report_to"] == '["tensorboard", "wandb", "mlflow"]'
+    assert mlflow_run.data.metrics == expected[8]
+    for key in expected[8]:
+        got = {m.step: m.value for m in mlflow_history(train_dir, mlflow_run, key)}
+        assert got == {step: record[key] for step, record in expected.items() if key in record}, key
+
+    board = tensorboard_values(train_dir)
+    assert yaml.safe_load(textwrap.dedent(board.pop(("config/text_summary", 0)))) == resolved
+    want = {(key, step): value for step, record in expected.items() for key, value in record.items()}
+    assert board.keys() == want.keys()
+    assert all(board[k] == np.float32(want[k]) for k in want)
+
+
 def test_policy_loads_and_gives_the_trained_logps(two_workers):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,8 +253,10 @@ def test_policy_loads_and_gives_the_trained_logps(two_workers):
     AutoTokenizer.from_pretrained(result["policy"])
     folder = os.path.join(cfg.run.output_dir, "reference_eval")
     pairs = Pairs.from_tables([storage.read_parquet_files(folder, read_manifest(folder)["files"])])
-    with torch.no_grad():
-        chosen, rejected = policy_logps(model, collate(pairs, np.arange(len(pairs)), 0, packed=False), average=False)
+    with torch.no_grad():  # a plain forward: padded rows, logits everywhere
+        inputs = collate(pairs, np.arange(len(pairs)), 0, "padded").inputs
+        chosen, rejected = sequence_logps(lambda x: PolicyLogps(model, 1024)(x, full_logits=True), inputs,
+                                          average=False)
     assert math.isclose(float(chosen.mean()), metrics[-1]["eval/logps/chosen"], rel_tol=1e-5, abs_tol=1e-4)
     assert math.isclose(float(rejected.mean()), metrics[-1]["eval/logps/rejected"], rel_tol=1e-5, abs_tol=1e-4)
 
@@ -174,6 +278,21 @@ def test_fingerprint_mismatch_is_a_clean_error(base, tmp_path):
         find_datasets(cfg)
 
 
+def test_more_training_cpus_than_the_job_has_are_refused_before_any_worker(base, tmp_path):
+    """The suite's Ray has 2 CPUs and no job note (dpo.job_cpus), so the check counts all 2: 3 workers x 1 CPU
+    need 3 and would wait forever for the third. Lowering the workers can fit 2."""
+    overrides, scored = base
+    cfg = load_config(None, overrides + TRAIN + [f"run.output_dir={scored}", "train.num_workers=3",
+                                                 "train.batch_size=2"])
+    with pytest.raises(UserError) as info:
+        train(cfg, *find_datasets(cfg))
+    assert str(info.value) == (
+        "the training workers (train.num_workers=3 x train.cpus_per_worker=1) need 3 CPUs, but this job can use 2 "
+        "of the cluster's 2, so it would wait forever; lower train.num_workers or train.cpus_per_worker (to 2 CPUs "
+        "in all), or add CPUs to the cluster")
+    assert not os.path.exists(scored / "train" / "config.yaml"), "refused before training wrote anything"
+
+
 def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, tmp_path, ray_session):
     """Scoring and training agree: policy == reference gives margins 0 and loss ln 2 on real pairs."""
     cfg = load_config(None, [f"model.policy={tiny_model}", f"data.train_files=[{hh_pairs}]", "data.max_length=256",
@@ -188,8 +307,9 @@ def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, 
     folder = os.path.join(cfg.run.output_dir, "reference")
     pairs = Pairs.from_tables([storage.read_parquet_files(folder, manifest["files"])])
     with torch.no_grad():
-        for packed in (False, True):
-            chosen, rejected = policy_logps(model, collate(pairs, np.arange(len(pairs)), 0, packed), average=False)
+        for layout in ("padded", "packed", "shared"):
+            inputs = collate(pairs, np.arange(len(pairs)), 0, layout).inputs
+            chosen, rejected = sequence_logps(PolicyLogps(model, 1024), inputs, average=False)
             assert np.allclose(chosen.numpy(), pairs.ref_chosen, atol=1e-4, rtol=1e-6)
             assert np.allclose(rejected.numpy(), pairs.ref_rejected, atol=1e-4, rtol=1e-6)
     result = train(cfg, *find_datasets(cfg))
@@ -273,3 +393,25 @@ def test_fsdp_accumulation_defers_the_reduction_and_matches_ddp(base, tmp_path, 
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for got, want in zip(metrics, expected):
         close({k: v for k, v in got.items() if not k.startswith("eval/")}, want, 1e-5)  # step 3 ends this run
+
+
+def test_twenty_steps_of_the_new_forward_equal_todays(base, tmp_path):
+    """One worker, 20 steps (48 pairs, 8 a step: into the fourth epoch): the default forward on CPU (the prompt
+    once per pair, logits only where a response token is predicted) gives every step's loss and metrics of
+    today's forward (padded rows, logits at every position). Step 1 agrees within 1e-5; over 20 AdamW steps at
+    lr 2e-3 the two float32 roundings drift apart (rewards/chosen by 1.5e-4 relative, measured), so later
+    steps are held to 1e-3: a mask that let the rejected reply see the chosen one moves log-probs by nats. (The
+    weights are not compared: AdamW turns a near-zero gradient's rounding into a whole lr-sized step.)"""
+    common = ["train.num_workers=1", "train.batch_size=8", "train.max_steps=20", "train.epochs=4",
+              "train.eval_every=10", "train.checkpoint_every=20"]
+    _, _, metrics = run(base, tmp_path / "new", *common)
+    _, _, expected = run(base, tmp_path / "today", *common, "train.prefix_sharing=off",
+                             "train.response_logits=off")
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    # At step 1 policy == reference: every reward is 0 up to float rounding, so which of a pair's rewards is
+    # larger (rewards/accuracies) is rounding noise, and other rounding gives other noise.
+    first = {k: v for k, v in metrics[0].items() if k != "rewards/accuracies"}
+    close(first, {k: v for k, v in expected[0].items() if k != "rewards/accuracies"}, 1e-5)
+    for got, want in zip(metrics[1:], expected[1:]):
+        close(got, want, 1e-3)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.05  # it learned: the comparison is not of constants

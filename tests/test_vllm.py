@@ -8,13 +8,10 @@ driver killed mid-run). The GPU build's checks are in bench/gpu_check.py.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,10 +20,10 @@ import pytest
 from dpo import fingerprint as fpr
 from dpo.config import load_config
 from dpo.storage import read_parquet_files
-from pipeline.formats import RowError, normalise
 from pipeline.scoring import HFScorer
-from pipeline.tokenize import load_tokenizer, tokenize_pair
 from pipeline.vllm_build import installed_vllm
+
+from pairs import tokenized
 
 BUILD = installed_vllm()
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,23 +45,6 @@ def quickstart_model(tmp_path_factory) -> str:
 
     return build_local_model(tmp_path_factory.mktemp("models") / "quickstart",
                              iter_texts([str(EXAMPLES / "train.jsonl")]), preset="quickstart", seed=0)
-
-
-def tokenized(path, fmt: str, model: str, data, limit: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) token ids as the pipeline makes them; rows it rejects are left out."""
-    tok = load_tokenizer(model)
-    out = []
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                tp = tokenize_pair(normalise(json.loads(line), fmt, tok), tok, data)
-            except RowError:
-                continue
-            out.append((tp.prompt_ids, tp.chosen_ids, tp.rejected_ids))
-            if len(out) == limit:
-                break
-    return out
 
 
 def transformers_token_logps(model, prompt: list[int], response: list[int]) -> list[float]:
@@ -108,8 +88,9 @@ def _parity(engine, hf_model, quickstart_model, pairs) -> None:
                     for a, b in zip(values, transformers_token_logps(hf_model, p, r)))
     assert all(len(values) == len(r) for (_, r), values in zip(seqs, got))
     assert per_token <= 1e-5
-    hf = HFScorer(quickstart_model, batch_tokens=cfg.reference.batch_tokens).score(seqs)
-    per_pair = max(abs(sum(values) - expected) for values, expected in zip(got, hf))
+    hf = HFScorer(quickstart_model, batch_tokens=cfg.reference.batch_tokens).score(pairs)
+    hf_sequences = [c for c, _ in hf] + [r for _, r in hf]
+    per_pair = max(abs(sum(values) - expected) for values, expected in zip(got, hf_sequences))
     assert per_pair <= 1e-4
 
 
@@ -144,11 +125,8 @@ def _rows(folder: Path) -> list[dict]:
 
 def _worst_against_hf(rows: list[dict], model: str) -> float:
     """Largest |vLLM - hf| over the rows' chosen and rejected scores, nats per sequence."""
-    hf = HFScorer(model, batch_tokens=8192).score([(r["prompt_ids"], r["chosen_ids"]) for r in rows] +
-                                                  [(r["prompt_ids"], r["rejected_ids"]) for r in rows])
-    n = len(rows)
-    return max(max(abs(r["ref_chosen_logp"] - hf[i]), abs(r["ref_rejected_logp"] - hf[n + i]))
-               for i, r in enumerate(rows))
+    hf = HFScorer(model, batch_tokens=8192).score([(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows])
+    return max(max(abs(r["ref_chosen_logp"] - c), abs(r["ref_rejected_logp"] - j)) for r, (c, j) in zip(rows, hf))
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +139,11 @@ def quickstart_vllm(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(README_LINE.split(), cwd=work, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return work, out.stdout
+    return work, out.stdout + out.stderr  # all the terminal showed
 
 
 def test_quickstart_line_scores_every_pair_once_as_hf_does(quickstart_vllm):
-    work, stdout = quickstart_vllm
+    work, terminal = quickstart_vllm
     model = str(work / "runs" / "quickstart" / "model")
     for split, folder in (("train", "reference"), ("eval", "reference_eval")):
         path = work / "runs" / "quickstart-vllm" / folder
@@ -177,7 +155,27 @@ def test_quickstart_line_scores_every_pair_once_as_hf_does(quickstart_vllm):
         assert manifest["counts"]["read"] == manifest["counts"]["kept"] + manifest["counts"]["rejected"]
         assert _worst_against_hf(rows, model) <= 1e-4, split
     assert (work / "runs" / "quickstart-vllm" / "train" / "policy" / "config.json").exists()
-    assert "eval/rewards/accuracies" in stdout
+    assert "eval/rewards/accuracies" in terminal
+
+
+# The quickstart's lines on the terminal, counted in a clean run: the log file's name, the model build, 2 per
+# scoring stage (its rows and shards, a progress report 30 s on), 2 summary tables of 14 lines, the training's
+# first line and 19 progress lines (186 steps, train.log_every=10), its table of 17 and the pipeline's of 6: 77
+# (76 with transformers scoring, whose eval stage ended within 30 s). Before the log file took the rest, the
+# transformers run printed 329 (Ray Data's progress every 10 s, Ray Train's reports, its placement group
+# monitor's warnings, the resolved config).
+TERMINAL_LINES = 90
+
+
+def test_the_quickstart_line_prints_what_a_user_reads_and_files_the_rest(quickstart_vllm):
+    work, terminal = quickstart_vllm
+    lines = terminal.splitlines()
+    assert len(lines) <= TERMINAL_LINES, terminal
+    logs = list((work / "runs" / "quickstart-vllm" / "logs").glob("pipeline-*.log"))
+    assert len(logs) == 1 and str(logs[0].relative_to(work)) in lines[0]
+    text = logs[0].read_text()
+    assert "resolved config" in text and "Reporting training result" in text, "what the terminal leaves out"
+    assert "RayDeprecationWarning: `ray_remote_args_fn`" not in text, "our own use of a deprecated Ray API"
 
 
 def test_training_from_vllm_scores_starts_at_ln2(quickstart_vllm, ray_session, tmp_path):
