@@ -1,13 +1,19 @@
 """From token-id pairs to model inputs: the epoch plan and the micro-batches.
 
-Determinism over streaming: every rank holds the whole (token ids only) dataset,
+Determinism over streaming: every rank sees the whole (token ids only) dataset,
 sorted by pair id, and builds the same seeded plan of global batches for an
-epoch; rank r then takes its own slice of each global batch. Hence
+epoch from the pairs' lengths alone; rank r then takes its own slice of each
+global batch. Hence
 
 - a resumed run continues exactly where it stopped: the plan of an epoch is a
   function of (seed, epoch) alone, and a step number names a global batch;
 - 2 workers x batch b and 1 worker x batch 2b see the same global batches, so
   their gradients (the mean over the global batch) agree.
+
+Seeing is not copying: the dataset stays in Arrow's layout, each token column
+one int32 buffer of every pair's ids end to end plus an offset and a size per
+pair, put once in Ray's object store by the driver; the ranks of a node map
+that one copy and read a pair's ids as a numpy view of it (see `Pairs`).
 
 A micro-batch of b pairs runs through the model in one forward pass, in one
 of dpo.forward's layouts: padded (2b rows), packed (one row; it saves work only
@@ -19,55 +25,133 @@ padded per step of 16 pairs) or shared (b rows, the prompt once per pair).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from dpo import schema
 from dpo.config import TrainConfig
 from dpo.forward import Layout, ModelInputs, lay_out, sequence_logps
 
-REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+
+class TokenLists:
+    """One column of token-id lists as Arrow lays out a list view: row i is
+    values[offsets[i]:offsets[i] + sizes[i]], values being every row's ids end to end.
+
+    All three are views of the Arrow buffers (read-only when those are the
+    object store's shared memory): indexing returns an int32 view, copying nothing.
+    """
+
+    def __init__(self, array: pa.LargeListViewArray):
+        self.offsets = array.offsets.to_numpy()
+        self.sizes = array.sizes.to_numpy()
+        self.values = array.values.to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i) -> np.ndarray:
+        start = self.offsets[i]
+        return self.values[start:start + self.sizes[i]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.sizes
+
+
+class PairIds:
+    """The pair_id column; ids[i] is a str, made on demand (a list of every id would cost ~60 bytes a pair)."""
+
+    def __init__(self, array: pa.Array):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i) -> str:
+        return self.array[int(i)].as_py()
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
 
 
 @dataclass
 class Pairs:
-    """A whole dataset of tokenized pairs, sorted by pair id."""
+    """A whole dataset of tokenized pairs, sorted by pair id: views of the batch `pairs_batch` laid out."""
 
-    pair_ids: list[str]
-    prompt: list[np.ndarray]
-    chosen: list[np.ndarray]
-    rejected: list[np.ndarray]
+    pair_ids: PairIds
+    prompt: TokenLists
+    chosen: TokenLists
+    rejected: TokenLists
     ref_chosen: Optional[np.ndarray]  # float64 [N]; None for a prepared (unscored) dataset
     ref_rejected: Optional[np.ndarray]
 
     def __len__(self) -> int:
         return len(self.pair_ids)
 
-    @property
+    @functools.cached_property
     def tokens(self) -> np.ndarray:
         """Tokens the pair puts through the model: both sequences, prompt counted twice."""
-        return np.array([2 * len(p) + len(c) + len(r) for p, c, r in zip(self.prompt, self.chosen, self.rejected)])
+        return 2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths
 
     @classmethod
-    def from_tables(cls, tables: Iterable[pa.Table]) -> "Pairs":
-        table = pa.concat_tables(list(tables)) if not isinstance(tables, pa.Table) else tables
-        table = table.sort_by("pair_id")  # the order of files and blocks must not matter
-        scored = all(c in table.column_names for c in REF_COLUMNS)
+    def from_batch(cls, batch: pa.RecordBatch) -> "Pairs":
+        """Zero-copy views of a batch that `pairs_batch` laid out."""
+        scored = all(c in batch.schema.names for c in schema.SCORE_COLUMNS)
 
-        def ids(col: str) -> list[np.ndarray]:
-            return [np.asarray(v, dtype=np.int64) for v in table.column(col).to_pylist()]
+        def scores(col: str) -> Optional[np.ndarray]:
+            return batch.column(col).to_numpy(zero_copy_only=False) if scored else None
 
         return cls(
-            pair_ids=table.column("pair_id").to_pylist(),
-            prompt=ids("prompt_ids"),
-            chosen=ids("chosen_ids"),
-            rejected=ids("rejected_ids"),
-            ref_chosen=table.column(REF_COLUMNS[0]).to_numpy().astype(np.float64) if scored else None,
-            ref_rejected=table.column(REF_COLUMNS[1]).to_numpy().astype(np.float64) if scored else None,
+            pair_ids=PairIds(batch.column(schema.PAIR_ID)),
+            prompt=TokenLists(batch.column(schema.PROMPT_IDS)),
+            chosen=TokenLists(batch.column(schema.CHOSEN_IDS)),
+            rejected=TokenLists(batch.column(schema.REJECTED_IDS)),
+            ref_chosen=scores(schema.REF_CHOSEN_LOGP),
+            ref_rejected=scores(schema.REF_REJECTED_LOGP),
         )
+
+    @classmethod
+    def from_tables(cls, tables: Union[pa.Table, Iterable[pa.Table]]) -> "Pairs":
+        table = tables if isinstance(tables, pa.Table) else pa.concat_tables(list(tables))
+        return cls.from_batch(pairs_batch(table.column, table.column_names))
+
+
+def pairs_batch(read_column: Callable[[str], pa.ChunkedArray], names: Sequence[str]) -> pa.RecordBatch:
+    """The columns `names` of a dataset in the layout `Pairs` views, sorted by pair id (the order of
+    files and blocks must not matter): each column one array, token ids one int32 buffer.
+
+    Sorting moves no token: a token column becomes a list view (an offset and a size per row into
+    the values as read), and only those are put in pair-id order. `read_column` gives one column
+    at a time, so a caller that lets go of each once handed over (dict.pop) holds one copy of the
+    dataset plus the column in flight. Offsets are 64-bit: one column of a large dataset holds
+    more than 2**31 tokens. A RecordBatch, not a Table: pyarrow pickles a batch's buffers out of
+    band, which Ray's object store then hands to every reader zero-copy (Ray's own reducer for
+    Tables does not take list views).
+    """
+    ids = read_column(schema.PAIR_ID)
+    order = pc.sort_indices(ids)
+    columns = {}
+    for name in names:
+        column = ids if name == schema.PAIR_ID else read_column(name)
+        if pa.types.is_string(column.type):
+            column = column.cast(pa.large_string()).combine_chunks()
+        elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            # A safe cast to int32: datasets written with int64 ids read too.
+            lists = column.cast(pa.large_list(pa.int32())).combine_chunks()
+            offsets = lists.offsets.to_numpy()
+            column = pa.LargeListViewArray.from_arrays(offsets[:-1], np.diff(offsets), lists.values)
+        else:
+            column = column.combine_chunks()
+        if name in schema.SCORE_COLUMNS:
+            column = column.cast(schema.SCORES.field(name).type)
+        columns[name] = column.take(order)
+    return pa.RecordBatch.from_pydict(columns)
 
 
 def epoch_plan(tokens: np.ndarray, global_batch: int, pool_batches: int, seed: int, epoch: int) -> np.ndarray:
@@ -118,12 +202,12 @@ def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, layout: Layout) -> Micr
     return MicroBatch(
         inputs=lay_out(triples, pad_id, layout),
         num_pairs=len(rows),
-        chosen_lengths=torch.tensor([len(c) for _, c, _ in triples], dtype=torch.float32),
-        rejected_lengths=torch.tensor([len(r) for _, _, r in triples], dtype=torch.float32),
+        chosen_lengths=torch.tensor(pairs.chosen.lengths[rows], dtype=torch.float32),
+        rejected_lengths=torch.tensor(pairs.rejected.lengths[rows], dtype=torch.float32),
         ref_chosen=None if pairs.ref_chosen is None else torch.tensor(pairs.ref_chosen[rows], dtype=torch.float32),
         ref_rejected=None if pairs.ref_rejected is None else torch.tensor(pairs.ref_rejected[rows], dtype=torch.float32),
         pair_ids=[pairs.pair_ids[i] for i in rows],
-        tokens=int(sum(2 * len(p) + len(c) + len(r) for p, c, r in triples)),
+        tokens=int(pairs.tokens[rows].sum()),
     )
 
 

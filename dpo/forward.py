@@ -128,6 +128,8 @@ def _pad(rows: list[np.ndarray], width: int, pad_id: int) -> torch.Tensor:
 def _inputs(ids, mask, positions, index, targets, sequence, b, segments=None) -> ModelInputs:
     cat = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
     return ModelInputs(ids, mask, positions, segments, cat(index), cat(targets), cat(sequence), b)
+
+
 def response_head_parts(lm: torch.nn.Module) -> Optional[tuple[torch.nn.Module, torch.nn.Module]]:
     """(body, output head) of a transformers causal LM, or None where it does not expose them."""
     get_decoder = getattr(lm, "get_decoder", None)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -133,9 +134,9 @@ def setup(config: dict) -> Worker:
     device = ray.train.torch.get_device()
     ckpt.seed_everything(cfg.run.seed)
 
-    # Every rank reads the whole dataset (DataConfig(datasets_to_split=[])): see dpo.batching.
-    train_pairs = Pairs.from_tables(_tables("train"))
-    eval_pairs = Pairs.from_tables(_tables("eval")) if config["has_eval"] else None
+    # Every rank sees the whole dataset, mapped from the node's one copy in the object store: see dpo.batching.
+    train_pairs = Pairs.from_batch(ray.get(config["train_pairs"]))
+    eval_pairs = Pairs.from_batch(ray.get(config["eval_pairs"])) if config["eval_pairs"] is not None else None
     steps_per_epoch = len(train_pairs) // (t.batch_size * world * t.grad_accum)
     total = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
 
@@ -246,9 +247,6 @@ def lr_schedule(t: TrainConfig, total: int):
     return factor
 
 
-def _tables(name: str):
-    shard = ray.train.get_dataset_shard(name)
-    return [b for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
 
 
 def _pad_id(model) -> int:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import yaml
 
-from dpo import storage
+from dpo import schema, storage
 from dpo.checkpoint import complete_steps, read_metrics
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, check_model_folder, read_model_config
@@ -30,10 +30,6 @@ from dpo.losses import LossType
 from dpo.trackers import RUNS_FILE, check_trackers
 
 log = logging.getLogger("raydpo.train")
-
-TOKEN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
-SCORE_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp"]
-
 
 @dataclass
 class TrainData:
@@ -116,16 +112,30 @@ def _with_absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def _dataset(data: TrainData):
-    """The token ids as in-memory blocks: every worker reads all of them (see dpo.batching), and
-    reading them once here spares each worker a Parquet scan that competes with training for CPUs."""
-    import ray.data
+def read_pairs(data: TrainData):
+    """The columns training reads, laid out for dpo.batching.Pairs (sorted by pair id, each column
+    one array). Each column as read is let go once laid out: one copy of the data, plus one column."""
+    from dpo.batching import pairs_batch
 
-    table = storage.read_parquet_files(data.folder, data.manifest["files"],
-                                         columns=TOKEN_COLUMNS + (SCORE_COLUMNS if data.scored else []))
+    names = schema.TOKEN_COLUMNS + (schema.SCORE_COLUMNS if data.scored else [])
+    table = storage.read_parquet_files(data.folder, data.manifest["files"], columns=names)
+    columns = {name: table.column(name) for name in names}
+    del table
+    batch = pairs_batch(columns.pop, names)
     if data.scored:
-        refuse_nonfinite_scores(data.folder, table)
-    return ray.data.from_arrow(table)
+        refuse_nonfinite_scores(data.folder, batch)
+    return batch
+
+
+def _put_pairs(data: TrainData):
+    """The dataset in Ray's object store, once: every worker maps that copy (one per node) instead of
+    holding its own, and this process keeps only the reference."""
+    import pyarrow as pa
+    import ray
+
+    ref = ray.put(read_pairs(data))
+    pa.default_memory_pool().release_unused()  # what reading and laying out freed, the allocator would keep
+    return ref
 
 
 def refuse_nonfinite_scores(folder: str, table) -> None:
@@ -133,11 +143,11 @@ def refuse_nonfinite_scores(folder: str, table) -> None:
     import numpy as np
 
     finite = np.ones(table.num_rows, dtype=bool)
-    for column in SCORE_COLUMNS:
+    for column in schema.SCORE_COLUMNS:
         values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
         finite &= np.isfinite(values)
     if not finite.all():
-        ids = [table.column("pair_id")[i].as_py() for i in np.flatnonzero(~finite)[:3]]
+        ids = [table.column(schema.PAIR_ID)[i].as_py() for i in np.flatnonzero(~finite)[:3]]
         raise UserError(f"{folder} holds non-finite reference scores for {int((~finite).sum())} pair(s), e.g. "
                         f"{ids}; it was not written by this version's precompute, which refuses them. "
                         "Delete it and rerun jobs.precompute_reference")
@@ -145,8 +155,7 @@ def refuse_nonfinite_scores(folder: str, table) -> None:
 
 def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = None) -> dict:
     """Run DPO training; return the final metrics and where the outputs are."""
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dpo.train_loop import ERROR_FILE, train_loop_per_worker
@@ -160,20 +169,18 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
         storage.delete_file(storage.join(train_dir, RUNS_FILE))  # a run that starts over gets new tracker runs
     cfg.save(storage.join(train_dir, "config.yaml"))
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": _dataset(train_data)}
-    if eval_data is not None:
-        datasets["eval"] = _dataset(eval_data)
+    # Held here until fit() returns: a restarted worker gets the data from these again.
+    train_pairs = _put_pairs(train_data)
+    eval_pairs = _put_pairs(eval_data) if eval_data is not None else None
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "has_eval": eval_data is not None},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        datasets=datasets,
         # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
-        dataset_config=DataConfig(datasets_to_split=[]),
+        train_loop_config={"config": cfg.model_dump(mode="json"), "train_pairs": train_pairs,
+                           "eval_pairs": eval_pairs},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name="ray",
             storage_path=train_dir if storage.is_uri(train_dir) else os.path.abspath(train_dir),

@@ -20,7 +20,7 @@ import random
 import sys
 
 from dpo import fingerprint as fpr
-from dpo import storage
+from dpo import schema, storage
 from dpo.config import UserError
 from dpo.context import check_model_folders
 from jobs.cli import job, log
@@ -30,7 +30,7 @@ from pipeline.scoring import HFScorer
 from pipeline.tokenize import TOKENIZATION_VERSION
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
-COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logp", "ref_rejected_logp"]
+COLUMNS = schema.TOKEN_COLUMNS + schema.SCORE_COLUMNS
 
 
 def _options(parser) -> None:
@@ -46,10 +46,10 @@ def compare(rows: list[dict], fresh: list[tuple[float, float]]) -> list[dict]:
     """Per pair: cached minus fresh, absolute and per response token, for chosen and rejected."""
     out = []
     for row, (chosen, rejected) in zip(rows, fresh):
-        dc = row["ref_chosen_logp"] - chosen
-        dr = row["ref_rejected_logp"] - rejected
-        per_token = max(abs(dc) / max(len(row["chosen_ids"]), 1), abs(dr) / max(len(row["rejected_ids"]), 1))
-        out.append({"pair_id": row["pair_id"], "chosen_diff": dc, "rejected_diff": dr,
+        dc = row[schema.REF_CHOSEN_LOGP] - chosen
+        dr = row[schema.REF_REJECTED_LOGP] - rejected
+        per_token = max(abs(dc) / max(len(row[schema.CHOSEN_IDS]), 1), abs(dr) / max(len(row[schema.REJECTED_IDS]), 1))
+        out.append({"pair_id": row[schema.PAIR_ID], "chosen_diff": dc, "rejected_diff": dr,
                     "abs_diff": max(abs(dc), abs(dr)), "per_token": per_token})
     return out
 
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
         files = split_files(cfg, args.split)
         expected = fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION)
         manifest = fpr.check(folder, expected)
-        ids = storage.read_parquet_files(folder, manifest["files"], columns=["pair_id"]).column("pair_id").to_pylist()
+        ids = storage.read_parquet_files(folder, manifest["files"], columns=[schema.PAIR_ID]).column(0).to_pylist()
         picked = sorted(random.Random(cfg.run.seed).sample(range(len(ids)), min(args.sample, len(ids))))
         rows = storage.read_parquet_files(folder, manifest["files"], columns=COLUMNS).take(picked).to_pylist()
         log.info("rescoring %d of %d pairs of %s with transformers (%s)", len(rows), len(ids), folder,
@@ -72,7 +72,8 @@ def main(argv=None) -> None:
                           trust_remote_code=cfg.model.trust_remote_code,
                           attn_implementation=cfg.model.attn_implementation,
                           logits_chunk_size=cfg.model.logits_chunk_size)
-        diffs = compare(rows, scorer.score([(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]))
+        diffs = compare(rows, scorer.score([(r[schema.PROMPT_IDS], r[schema.CHOSEN_IDS], r[schema.REJECTED_IDS])
+                                            for r in rows]))
         tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[cfg.model.dtype]
         worst = sorted(diffs, key=lambda d: -d["per_token"])
         n = len(diffs)

@@ -26,6 +26,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpo import schema
 from dpo.config import UserError
 from dpo.fingerprint import MANIFEST, diff, FIELD_FIXES
 from dpo import storage
@@ -33,9 +34,6 @@ from dpo import storage
 PROGRESS = "_progress.json"
 SHARDS = "_shards"
 REJECTS = "rejects.jsonl"
-OUTPUT_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_length", "chosen_length",
-                  "rejected_length", "truncated", "identical", "file", "line"]
-SCORE_COLUMNS = ["ref_chosen_logp", "ref_rejected_logp"]
 
 
 def reason_kind(reason: str) -> str:
@@ -84,19 +82,19 @@ class ShardWriter:
     def _commit(self, shard: str, rows_by_line: dict[int, dict]) -> None:
         rows = [rows_by_line[k] for k in sorted(rows_by_line)]
         kept = [r for r in rows if r["reject"] is None]
-        rejects = [{"file": r["file"], "line": r["line"], "pair_id": r["pair_id"], "reason": r["reject"]}
+        rejects = [{"file": r[schema.FILE], "line": r[schema.LINE], "pair_id": r[schema.PAIR_ID], "reason": r["reject"]}
                    for r in rows if r["reject"] is not None]
-        columns = OUTPUT_COLUMNS + (SCORE_COLUMNS if self.scored else [])
+        columns = schema.dataset_schema(self.scored)
         if self.scored:
-            bad = [r["pair_id"] for r in kept
-                   if not (math.isfinite(r["ref_chosen_logp"]) and math.isfinite(r["ref_rejected_logp"]))]
+            bad = [r[schema.PAIR_ID] for r in kept
+                   if not all(math.isfinite(r[c]) for c in schema.SCORE_COLUMNS)]
             if bad:
                 raise UserError(
                     f"the reference model gave non-finite log-probs for {len(bad)} pair(s), e.g. {bad[:3]}; "
                     "nothing was written for them. Check the reference weights, or score in model.dtype=float32"
                 )
         if kept:
-            table = pa.Table.from_pylist([{c: r[c] for c in columns} for r in kept])
+            table = pa.Table.from_pylist([{c: r[c] for c in columns.names} for r in kept], schema=columns)
             buf = io.BytesIO()
             pq.write_table(table, buf)
             storage.write_bytes(storage.join(self.folder, f"part-{shard}.parquet"), buf.getvalue())
@@ -105,10 +103,11 @@ class ShardWriter:
             "rows": len(rows),
             "kept": len(kept),
             "rejected": len(rejects),
-            "truncated": sum(1 for r in kept if r["truncated"]),
-            "identical": sum(1 for r in kept if r["identical"]),
-            "response_tokens": sum(r["chosen_length"] + r["rejected_length"] for r in kept),
-            "tokens": sum(2 * r["prompt_length"] + r["chosen_length"] + r["rejected_length"] for r in kept),
+            "truncated": sum(1 for r in kept if r[schema.TRUNCATED]),
+            "identical": sum(1 for r in kept if r[schema.IDENTICAL]),
+            "response_tokens": sum(r[schema.CHOSEN_LENGTH] + r[schema.REJECTED_LENGTH] for r in kept),
+            "tokens": sum(2 * r[schema.PROMPT_LENGTH] + r[schema.CHOSEN_LENGTH] + r[schema.REJECTED_LENGTH]
+                          for r in kept),
             "rejects": rejects,
         }
         storage.write_text(storage.join(self.folder, SHARDS, f"{shard}.json"), json.dumps(marker))

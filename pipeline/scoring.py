@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 
-from dpo import storage
+from dpo import schema, storage
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, read_model_config
 from dpo.job_cpus import refuse_unless_fits
@@ -308,9 +308,9 @@ class ReferenceScorer:
         if self.fail_after is not None and self.batches >= self.fail_after:
             _die_once(self.fail_marker)
         kept = [i for i, r in enumerate(batch.column("reject").to_pylist()) if r is None]
-        prompts = batch.column("prompt_ids").to_pylist()
-        chosen = batch.column("chosen_ids").to_pylist()
-        rejected = batch.column("rejected_ids").to_pylist()
+        prompts = batch.column(schema.PROMPT_IDS).to_pylist()
+        chosen = batch.column(schema.CHOSEN_IDS).to_pylist()
+        rejected = batch.column(schema.REJECTED_IDS).to_pylist()
         pairs = [(prompts[i], chosen[i], rejected[i]) for i in kept]
         scores = self.scorer.score(pairs) if pairs else []
         ref_chosen: list[Optional[float]] = [None] * batch.num_rows
@@ -318,8 +318,10 @@ class ReferenceScorer:
         for i, (chosen_logp, rejected_logp) in zip(kept, scores):
             ref_chosen[i], ref_rejected[i] = chosen_logp, rejected_logp
         self.batches += 1
-        return (batch.append_column("ref_chosen_logp", pa.array(ref_chosen, pa.float64()))
-                .append_column("ref_rejected_logp", pa.array(ref_rejected, pa.float64())))
+        scored = {schema.REF_CHOSEN_LOGP: ref_chosen, schema.REF_REJECTED_LOGP: ref_rejected}
+        for column in schema.SCORES:
+            batch = batch.append_column(column, pa.array(scored[column.name], column.type))
+        return batch
 
 
 # --------------------------------------------------------------------------- driver side

@@ -15,6 +15,7 @@ from typing import Optional
 
 import pyarrow as pa
 
+from dpo import schema
 from dpo.config import DataConfig, UserError
 from dpo.context import tokenizer_files
 from pipeline.formats import RowError, normalise
@@ -23,25 +24,14 @@ from pipeline.formats import RowError, normalise
 # of the reference dataset's fingerprint.
 TOKENIZATION_VERSION = "1"
 
-TOKENIZED_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("file", pa.string()),
-        ("file_index", pa.int32()),
-        ("line", pa.int64()),
-        ("shard", pa.string()),
-        ("shard_rows", pa.int64()),
-        ("prompt_ids", pa.list_(pa.int32())),
-        ("chosen_ids", pa.list_(pa.int32())),
-        ("rejected_ids", pa.list_(pa.int32())),
-        ("prompt_length", pa.int32()),
-        ("chosen_length", pa.int32()),
-        ("rejected_length", pa.int32()),
-        ("truncated", pa.bool_()),
-        ("identical", pa.bool_()),
-        ("reject", pa.string()),
-    ]
-)
+# The dataset's own columns (dpo.schema) and what the stream needs besides: where a row
+# belongs, and why it was rejected.
+TOKENIZED_SCHEMA = pa.schema(list(schema.PREPARED) + [
+    ("file_index", pa.int32()),
+    ("shard", pa.string()),
+    ("shard_rows", pa.int64()),
+    ("reject", pa.string()),
+])
 
 
 @functools.lru_cache(maxsize=4)
@@ -104,20 +94,20 @@ def tokenize_batch(batch: pa.Table, *, data: DataConfig, tokenizer_path: str, tr
         duplicates = ray.get(duplicates)
     out = []
     for row in batch.to_pylist():
-        result = {k: row[k] for k in ("pair_id", "file", "file_index", "line", "shard", "shard_rows")}
-        result.update(prompt_ids=None, chosen_ids=None, rejected_ids=None, prompt_length=None,
-                      chosen_length=None, rejected_length=None, truncated=None, identical=None, reject=None)
+        result = dict.fromkeys(TOKENIZED_SCHEMA.names)
+        result.update({k: row[k] for k in (schema.PAIR_ID, schema.FILE, "file_index", schema.LINE, "shard",
+                                            "shard_rows")})
         reason = row["error"] or (duplicates or {}).get((row["file_index"], row["line"]))
         if reason is None:
             try:
                 pair = normalise(json.loads(row["record"]), row["format"], tokenizer)
                 tp = tokenize_pair(pair, tokenizer, data)
-                result.update(
-                    prompt_ids=tp.prompt_ids, chosen_ids=tp.chosen_ids, rejected_ids=tp.rejected_ids,
-                    prompt_length=len(tp.prompt_ids), chosen_length=len(tp.chosen_ids),
-                    rejected_length=len(tp.rejected_ids), truncated=tp.truncated,
-                    identical=tp.chosen_ids == tp.rejected_ids,
-                )
+                result.update({
+                    schema.PROMPT_IDS: tp.prompt_ids, schema.CHOSEN_IDS: tp.chosen_ids,
+                    schema.REJECTED_IDS: tp.rejected_ids, schema.PROMPT_LENGTH: len(tp.prompt_ids),
+                    schema.CHOSEN_LENGTH: len(tp.chosen_ids), schema.REJECTED_LENGTH: len(tp.rejected_ids),
+                    schema.TRUNCATED: tp.truncated, schema.IDENTICAL: tp.chosen_ids == tp.rejected_ids,
+                })
             except RowError as exc:
                 reason = str(exc)
         result["reject"] = reason

@@ -11,9 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dpo import schema
+from dpo.batching import Pairs
 from dpo.config import UserError, load_config
 from dpo.fingerprint import read_manifest
 from dpo.storage import read_parquet_files
+from dpo.trainer import TrainData, read_pairs
 from pipeline.prepare import prepare
 from wordlevel import save_wordlevel
 
@@ -82,6 +85,17 @@ def test_every_file_type_and_format(tmp_path, tok_dir):
     assert (hh["prompt_ids"], hh["chosen_ids"], hh["rejected_ids"]) == ([3, 4, 6, 5, 4], [7, 1], [8, 1])
     chat = rows["f.jsonl"][1]
     assert (chat["prompt_ids"], chat["chosen_ids"]) == ([16, 18, 6, 17, 16, 19], [13, 17, 1])
+    # What the writer wrote is dpo.schema's prepared layout, and what reference-free training reads.
+    folder = os.path.join(cfg.run.output_dir, "prepared")
+    for name in manifest["files"]:
+        assert pq.read_schema(os.path.join(folder, name)).remove_metadata().equals(schema.PREPARED), name
+    pairs = Pairs.from_batch(read_pairs(TrainData(folder, manifest)))
+    assert pairs.ref_chosen is None
+    by_id = {row["pair_id"]: row for file_rows in rows.values() for row in file_rows.values()}
+    assert sorted(by_id) == list(pairs.pair_ids)
+    for i, pair_id in enumerate(pairs.pair_ids):
+        assert (pairs.prompt[i].tolist(), pairs.chosen[i].tolist(), pairs.rejected[i].tolist()) == (
+            by_id[pair_id]["prompt_ids"], by_id[pair_id]["chosen_ids"], by_id[pair_id]["rejected_ids"])
     # The resolved config is saved beside the output and loads back to the same settings.
     saved = load_config(os.path.join(cfg.run.output_dir, "prepared", "config.yaml"))
     assert saved == cfg
