@@ -160,6 +160,9 @@ class TrainConfig(_LossKeys):
     # auto: the output head runs only at the positions that predict a response token, where the model
     # allows it (dpo.forward checks); off: at every position, as a plain forward does.
     response_logits: Literal["auto", "off"] = "auto"
+    # Keep only each decoder layer's input in the forward and recompute the layer in the backward (the model's own
+    # gradient_checkpointing_enable, non-reentrant): activation memory of one layer instead of all, for ~1 more forward.
+    gradient_checkpointing: bool = False
     # Pairs per length-sorted pool from which batches are cut (in global batches).
     length_group_batches: int = Field(8, ge=1)
     on_nonfinite_loss: Literal["error", "skip"] = "error"

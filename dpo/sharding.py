@@ -48,6 +48,14 @@ def load_policy(cfg: Config, device: torch.device, rank: int) -> PolicyLogps:
 
 
 def _policy(lm: torch.nn.Module, cfg: Config) -> PolicyLogps:
+    if cfg.train.gradient_checkpointing:
+        if not getattr(lm, "supports_gradient_checkpointing", False):
+            raise UserError(f"train.gradient_checkpointing: {type(lm).__name__} does not support it; "
+                            "set train.gradient_checkpointing=false")
+        # Each decoder layer checkpoints itself when training (transformers' GradientCheckpointingLayer), so this
+        # holds in PolicyLogps's response-only path too, which calls the body (get_decoder) rather than the whole
+        # model. Non-reentrant: it composes with DDP's and FSDP2's hooks and needs no input that requires grad.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return PolicyLogps(lm, cfg.model.logits_chunk_size, response_logits=cfg.train.response_logits == "auto")
 
 

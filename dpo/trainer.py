@@ -79,10 +79,11 @@ def _check_policy_context(cfg: Config) -> None:
 
 
 # Keys that may change between a run and its resumption: they do not alter what a step computes
-# (the layout and the logits path change only float rounding, dpo.forward).
+# (the layout and the logits path change only float rounding, dpo.forward; gradient checkpointing recomputes
+# the same values, dropout's RNG state included).
 RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
                "eval_every", "report_to", "tracker_project", "save_policy", "cpus_per_worker", "prefix_sharing",
-               "response_logits"}
+               "response_logits", "gradient_checkpointing"}
 RUN_AND_MODEL_RESUME_SAFE = {"name", "logits_chunk_size"}  # run.name, model.logits_chunk_size
 
 
