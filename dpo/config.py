@@ -66,6 +66,19 @@ class DataConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """LoRA adapters (peft) on the frozen policy: only they train and only they are checkpointed (dpo.lora)."""
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # the adapter's update is scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Module names (the last part of the path, as peft matches them): every linear layer of a Llama, Qwen2 or
+    # Mistral decoder layer, attention and MLP.
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"], min_length=1)
+
+
 class ModelConfig(_Section):
     policy: str = ""
     reference: Optional[str] = None
@@ -77,6 +90,7 @@ class ModelConfig(_Section):
     # Scored positions whose full-vocabulary logits exist at once, in training and in hf scoring
     # (dpo.forward): the peak of the output head is this x vocabulary x 4 bytes, however long the batch.
     logits_chunk_size: int = Field(1024, gt=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property
     def reference_path(self) -> str:

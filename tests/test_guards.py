@@ -81,3 +81,20 @@ def test_a_torchvision_that_cannot_load_is_one_clear_line(tmp_path):
     assert len(err) == 1
     assert "torchvision 0.28.0 is installed but does not load beside torch" in err[0]
     assert "operator torchvision::nms does not exist" in err[0] and "pip uninstall -y torchvision" in err[0]
+
+
+def test_a_lora_target_that_names_no_linear_layer_is_refused(tiny_model):
+    """peft fails only when no target matches; a misspelt one among right ones would leave its layers untrained.
+    The tiny Llama's linear layers: the seven projections and lm_head."""
+    from dpo.config import load_config
+    from dpo.trainer import TrainData, validate
+
+    cfg = load_config(None, [f"model.policy={tiny_model}", "data.max_length=128", "data.max_prompt_length=64",
+                             "train.num_workers=1", "train.batch_size=1", "model.lora.enabled=true",
+                             "model.lora.target_modules=[q_proj,v_prj]"])
+    data = TrainData(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
+    with pytest.raises(UserError) as info:
+        validate(cfg, data)
+    assert str(info.value) == ("model.lora.target_modules: v_prj names no linear layer of LlamaForCausalLM; its "
+                               "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
+                               "v_proj")
