@@ -66,6 +66,19 @@ class DataConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """LoRA adapters (peft) on the frozen policy: only they train and only they are checkpointed (dpo.lora)."""
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # the adapter's update is scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Module names (the last part of the path, as peft matches them): every linear layer of a Llama, Qwen2 or
+    # Mistral decoder layer, attention and MLP.
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"], min_length=1)
+
+
 class ModelConfig(_Section):
     policy: str = ""
     reference: Optional[str] = None
@@ -77,6 +90,7 @@ class ModelConfig(_Section):
     # Scored positions whose full-vocabulary logits exist at once, in training and in hf scoring
     # (dpo.forward): the peak of the output head is this x vocabulary x 4 bytes, however long the batch.
     logits_chunk_size: int = Field(1024, gt=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property
     def reference_path(self) -> str:
@@ -161,6 +175,9 @@ class TrainConfig(_LossKeys):
     # auto: the output head runs only at the positions that predict a response token, where the model
     # allows it (dpo.forward checks); off: at every position, as a plain forward does.
     response_logits: Literal["auto", "off"] = "auto"
+    # Keep only each decoder layer's input in the forward and recompute the layer in the backward (the model's own
+    # gradient_checkpointing_enable, non-reentrant): activation memory of one layer instead of all, for ~1 more forward.
+    gradient_checkpointing: bool = False
     # Pairs per length-sorted pool from which batches are cut (in global batches).
     length_group_batches: int = Field(8, ge=1)
     on_nonfinite_loss: Literal["error", "skip"] = "error"

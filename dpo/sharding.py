@@ -26,11 +26,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from dpo.config import Config, UserError
 from dpo.context import read_model_config
 from dpo.forward import PolicyLogps
+from dpo.lora import add_adapters
 
 
 def load_policy(cfg: Config, device: torch.device, rank: int) -> PolicyLogps:
     """The policy in float32 on `device`, as the module that computes DPO's log-probs (dpo.forward):
-    whole under ddp (not yet wrapped), sharded under fsdp."""
+    whole under ddp (not yet wrapped), sharded under fsdp; with model.lora, its `lm` is peft's model."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
@@ -48,6 +49,16 @@ def load_policy(cfg: Config, device: torch.device, rank: int) -> PolicyLogps:
 
 
 def _policy(lm: torch.nn.Module, cfg: Config) -> PolicyLogps:
+    if cfg.train.gradient_checkpointing:
+        if not getattr(lm, "supports_gradient_checkpointing", False):
+            raise UserError(f"train.gradient_checkpointing: {type(lm).__name__} does not support it; "
+                            "set train.gradient_checkpointing=false")
+        # Each decoder layer checkpoints itself when training (transformers' GradientCheckpointingLayer), so this
+        # holds in PolicyLogps's response-only path too, which calls the body (get_decoder) rather than the whole
+        # model. Non-reentrant: it composes with DDP's and FSDP2's hooks and needs no input that requires grad.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora.enabled:
+        lm = add_adapters(lm, cfg)  # before DDP or FSDP2 wraps it: they keep the base frozen as they find it
     return PolicyLogps(lm, cfg.model.logits_chunk_size, response_logits=cfg.train.response_logits == "auto")
 
 

@@ -34,6 +34,7 @@ from dpo import storage
 from dpo.batching import Pairs, choose_layout, collate, epoch_plan, rank_micro_batches
 from dpo.config import Config, TrainConfig
 from dpo.forward import Layout, PolicyLogps, check_response_head, sequence_logps
+from dpo.lora import ADAPTER_DIR, save_merged
 from dpo.losses import LossType, preference_loss
 from dpo.sharding import clip_grad_norm, gradient_sync, load_policy
 from dpo.trackers import Trackers, open_trackers
@@ -45,6 +46,9 @@ STATS = ["pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accurac
          "logps/chosen", "logps/rejected", "tokens", "nonfinite"]
 AVERAGED = STATS[1:8]
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# What a checkpoint holds of the model: the parameters that train. All of them, or under model.lora the adapters
+# alone (dpo.lora): the frozen base is model.policy's, read again by a restore.
+TRAINED_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 ERROR_FILE = "error.txt"
 # PolicyLogps holds the transformers model as `lm`: its keys in checkpoints, not in the exported policy/.
 LM_PREFIX = "lm."
@@ -141,13 +145,17 @@ def setup(config: dict) -> Worker:
     total = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
 
     policy = load_policy(cfg, device, rank)
+    # Again: loading draws from the RNG on some ranks only (under fsdp rank 0 initialises LoRA's A, the others
+    # build on the meta device), and dropout's masks must not depend on how the weights were loaded.
+    ckpt.seed_everything(cfg.run.seed)
     pad_id = _pad_id(policy.lm)
     # bf16 autocast only where it is fast and asked for; CPU trains in float32.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.use_gpu and cfg.model.dtype == "bfloat16"
                 else contextlib.nullcontext())
     model = ray.train.torch.prepare_model(policy, parallel_strategy="ddp") if t.strategy == "ddp" else policy
     # Before any forward: FSDP2's lazy initialisation at the first one re-registers the root's parameters.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
+                                  weight_decay=t.weight_decay)
     w = Worker(cfg=cfg, rank=rank, world=world, device=device, model=model, policy=policy, optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total)),
                train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, autocast=autocast,
@@ -372,7 +380,9 @@ def _restore(w: Worker) -> None:
     with ckpt.newest(ray.train.get_checkpoint(), storage.join(w.train_dir, "checkpoints")) as folder:
         if folder is None:
             return
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+        # Under model.lora the checkpoint holds only the adapters (TRAINED_STATE): the base stays as loaded.
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded,
+                                   strict=not w.cfg.model.lora.enabled)
         reads = w.rank == 0 or not sharded
         set_model_state_dict(w.model, ckpt.load(folder, "model.pt") if reads else {}, options=options)
         set_optimizer_state_dict(w.model, w.optimizer, ckpt.load(folder, "optimizer.pt") if reads else {},
@@ -385,7 +395,7 @@ def _restore(w: Worker) -> None:
 
 def _save(w: Worker, metrics: dict) -> None:
     # Gathering full state dicts is collective under FSDP: every rank takes part.
-    model_state = get_model_state_dict(w.model, options=FULL_STATE)
+    model_state = get_model_state_dict(w.model, options=TRAINED_STATE)
     optimizer_state = get_optimizer_state_dict(w.model, w.optimizer, options=FULL_STATE)
     rng = ckpt.rng_state()
     rngs = [None] * w.world if dist.is_initialized() else [rng]
@@ -404,7 +414,8 @@ def _save(w: Worker, metrics: dict) -> None:
 
 
 def _save_policy(w: Worker, dest: str) -> None:
-    """The trained weights and the tokenizer, in Hugging Face format."""
+    """The trained weights and the tokenizer, in Hugging Face format; under model.lora the adapters merged
+    in, and the adapter alone beside `dest` (dpo.lora)."""
     state = get_model_state_dict(w.model, options=FULL_STATE)
     if w.rank != 0:
         return
@@ -413,10 +424,21 @@ def _save_policy(w: Worker, dest: str) -> None:
 
     cfg = w.cfg
     with tempfile.TemporaryDirectory(prefix="dpo-policy-") as tmp:
-        w.policy.lm.save_pretrained(tmp, state_dict=state)
+        policy_dir = os.path.join(tmp, "policy")
+        if cfg.model.lora.enabled:
+            adapter_dir = os.path.join(tmp, ADAPTER_DIR)
+            save_merged(state, cfg, w.policy.lm.config, policy_dir, adapter_dir)
+            _publish(adapter_dir, storage.join(w.train_dir, ADAPTER_DIR))
+        else:
+            w.policy.lm.save_pretrained(policy_dir, state_dict=state)
         AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
-                                      trust_remote_code=cfg.model.trust_remote_code).save_pretrained(tmp)
-        storage.delete_dir(dest)
-        fs, path = storage.resolve(dest)
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+                                      trust_remote_code=cfg.model.trust_remote_code).save_pretrained(policy_dir)
+        _publish(policy_dir, dest)
+
+
+def _publish(local_dir: str, dest: str) -> None:
+    """Replace the folder `dest` (a path or URI) by a copy of `local_dir`."""
+    storage.delete_dir(dest)
+    fs, path = storage.resolve(dest)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

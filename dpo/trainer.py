@@ -7,7 +7,8 @@ this module turns config + datasets into a run and returns what it produced:
     {output_dir}/train/metrics.jsonl    one line per logged step
     {output_dir}/train/checkpoints/     step-N/ folders, COMPLETE-marked (see dpo.checkpoint)
     {output_dir}/train/ray/             Ray Train's run folder and its checkpoints
-    {output_dir}/train/policy/          the trained model + tokenizer, Hugging Face format
+    {output_dir}/train/policy/          the trained model + tokenizer, Hugging Face format (LoRA: merged)
+    {output_dir}/train/adapter/         model.lora's adapter alone, in peft's format (dpo.lora)
     {output_dir}/train/tensorboard/, wandb/, mlflow.db, tracker_runs.json   train.report_to's trackers (dpo.trackers)
 """
 
@@ -26,6 +27,7 @@ from dpo.checkpoint import complete_steps, read_metrics
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, check_model_folder, read_model_config
 from dpo.job_cpus import refuse_unless_fits
+from dpo.lora import ADAPTER_DIR, check_lora_targets
 from dpo.losses import LossType
 from dpo.trackers import RUNS_FILE, check_trackers
 
@@ -63,6 +65,7 @@ def validate(cfg: Config, train: TrainData) -> None:
         raise UserError(f"train.prefix_sharing=on needs an attention that takes its mask, which "
                         f"model.attn_implementation={cfg.model.attn_implementation} does not; use flex_attention "
                         "(on GPU), sdpa or eager, or set train.prefix_sharing=off")
+    check_lora_targets(cfg, read_model_config(cfg.model.policy, "model.policy", cfg.model.trust_remote_code))
     check_trackers(cfg)
     refuse_unless_fits(t.num_workers * t.cpus_per_worker,
                        f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
@@ -79,10 +82,11 @@ def _check_policy_context(cfg: Config) -> None:
 
 
 # Keys that may change between a run and its resumption: they do not alter what a step computes
-# (the layout and the logits path change only float rounding, dpo.forward).
+# (the layout and the logits path change only float rounding, dpo.forward; gradient checkpointing recomputes
+# the same values, dropout's RNG state included).
 RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
                "eval_every", "report_to", "tracker_project", "save_policy", "cpus_per_worker", "prefix_sharing",
-               "response_logits"}
+               "response_logits", "gradient_checkpointing"}
 RUN_AND_MODEL_RESUME_SAFE = {"name", "logits_chunk_size"}  # run.name, model.logits_chunk_size
 
 
@@ -91,15 +95,29 @@ def _check_resumable(cfg: Config, train_dir: str) -> None:
     saved_path = storage.join(train_dir, "config.yaml")
     if not complete_steps(storage.join(train_dir, "checkpoints")) or not storage.exists(saved_path):
         return
-    saved = yaml.safe_load(storage.read_text(saved_path)) or {}
-    now = cfg.model_dump(mode="json")
-    changed = [f"train.{k}" for k, v in now["train"].items() if k not in RESUME_SAFE and saved.get("train", {}).get(k) != v]
-    changed += [f"{section}.{k}" for section in ("model", "run") for k, v in now[section].items()
-                if k not in RUN_AND_MODEL_RESUME_SAFE and saved.get(section, {}).get(k) != v]
+    saved = _dotted(yaml.safe_load(storage.read_text(saved_path)) or {})
+    # A key the saved config lacks was added since that run, which ran with its default.
+    default = _dotted(Config().model_dump(mode="json"))
+    now = _dotted(cfg.model_dump(mode="json"))
+    safe = {f"train.{k}" for k in RESUME_SAFE} | {f"{section}.{k}" for section in ("model", "run")
+                                                  for k in RUN_AND_MODEL_RESUME_SAFE}
+    changed = [key for key, value in now.items() if key.split(".")[0] in ("train", "model", "run")
+               and key not in safe and saved.get(key, default.get(key)) != value]
     if changed:
         raise UserError(f"{train_dir} holds checkpoints of a run with another {changed[0]}"
                         f"{' (and ' + ', '.join(changed[1:]) + ')' if changed[1:] else ''}, and training resumes "
                         "from them; set it back to resume, or delete that folder (or set run.output_dir) to start over")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{"model.lora.r": 16, ...}: a nested config's values by dotted key, as the user sets them."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _with_absolute_paths(cfg: Config) -> Config:
@@ -207,6 +225,7 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
         "metrics_path": metrics_path,
         "report": report,
         "policy": storage.join(train_dir, "policy") if t.save_policy else None,
+        "adapter": storage.join(train_dir, ADAPTER_DIR) if t.save_policy and cfg.model.lora.enabled else None,
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
     }
 

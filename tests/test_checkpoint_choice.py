@@ -47,3 +47,29 @@ def test_ray_newer_than_ours_wins(own, tmp_path):
 
 def test_fresh_start_when_nothing_exists(tmp_path):
     assert chosen_step(None, tmp_path / "none") is None
+
+
+def test_resume_check_names_a_nested_key_and_takes_an_absent_one_as_its_default(tmp_path):
+    """A run with one complete checkpoint. Resuming it with another model.lora.r is refused naming that key;
+    a saved config.yaml from before model.lora and train.gradient_checkpointing existed (both absent) resumes
+    under their defaults; gradient checkpointing may be turned on for the resumption."""
+    import yaml
+
+    from dpo.config import UserError, load_config
+    from dpo.trainer import _check_resumable
+
+    train_dir = tmp_path / "train"
+    (train_dir / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (train_dir / "checkpoints" / "step-00000003" / ckpt.COMPLETE).write_text("{}")
+    saved = load_config(None, [f"run.output_dir={tmp_path}", "model.lora.enabled=true"])
+    saved.save(str(train_dir / "config.yaml"))
+    with pytest.raises(UserError, match=r"another model\.lora\.r, and training resumes"):
+        _check_resumable(load_config(None, [f"run.output_dir={tmp_path}", "model.lora.enabled=true",
+                                            "model.lora.r=8"]), str(train_dir))
+    _check_resumable(load_config(None, [f"run.output_dir={tmp_path}", "model.lora.enabled=true",
+                                        "train.gradient_checkpointing=true"]), str(train_dir))
+
+    old = load_config(None, [f"run.output_dir={tmp_path}"]).model_dump(mode="json")
+    del old["model"]["lora"], old["train"]["gradient_checkpointing"]
+    (train_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    _check_resumable(load_config(None, [f"run.output_dir={tmp_path}"]), str(train_dir))

@@ -36,6 +36,9 @@ def test_overrides_are_yaml_scalars_and_lists():
     # The knob train.report_to replaced: an old config is told what to write instead.
     (["train.tensorboard=true"], "train.tensorboard is gone: list the trackers in train.report_to instead, "
                                  "e.g. train.report_to: [tensorboard]"),
+    (["model.lora.rank=8"], "unknown config key 'model.lora.rank'; known keys in model.lora: alpha, dropout, "
+                            "enabled, r, target_modules"),
+    (["model.lora.r=0"], "config key 'model.lora.r': input should be greater than 0"),
     (["train.report_to=[wandb,comet]"], "config key 'train.report_to.1': input should be 'tensorboard', 'wandb' "
                                         "or 'mlflow' (got 'comet')"),
 ])

@@ -99,3 +99,20 @@ def test_prefix_sharing_on_is_refused_under_an_attention_that_cannot_take_its_ma
             validate(cfg, data)
     else:
         validate(cfg, data)
+
+
+def test_a_lora_target_that_names_no_linear_layer_is_refused(tiny_model):
+    """peft fails only when no target matches; a misspelt one among right ones would leave its layers untrained.
+    The tiny Llama's linear layers: the seven projections and lm_head."""
+    from dpo.config import load_config
+    from dpo.trainer import TrainData, validate
+
+    cfg = load_config(None, [f"model.policy={tiny_model}", "data.max_length=128", "data.max_prompt_length=64",
+                             "train.num_workers=1", "train.batch_size=1", "model.lora.enabled=true",
+                             "model.lora.target_modules=[q_proj,v_prj]"])
+    data = TrainData(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
+    with pytest.raises(UserError) as info:
+        validate(cfg, data)
+    assert str(info.value) == ("model.lora.target_modules: v_prj names no linear layer of LlamaForCausalLM; its "
+                               "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
+                               "v_proj")
