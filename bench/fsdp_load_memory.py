@@ -59,20 +59,24 @@ def child(args) -> None:
 
 
 def run_group(args, strategy: str) -> list[dict]:
+    return run_ranks(__file__, args.ranks, ["--child", strategy, "--model", args.model])
+
+
+def run_ranks(script: str, ranks: int, argv: list[str]) -> list[dict]:
+    """`script argv` as `ranks` processes of one gloo group; each prints its JSON row last. Rows by rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
-    for rank in range(args.ranks):
+    for rank in range(ranks):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(args.ranks), LOCAL_RANK=str(rank))
-        cmd = [sys.executable, __file__, "--child", strategy, "--model", args.model]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+                   WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, script, *argv], env=env, stdout=subprocess.PIPE, text=True))
     rows = []
     for proc in procs:
         out, _ = proc.communicate()
         if proc.returncode != 0:
-            sys.exit(f"a {strategy} rank failed ({proc.returncode})")
+            sys.exit(f"a rank of {' '.join(argv[:2])} failed ({proc.returncode})")
         rows.append(json.loads(out.strip().splitlines()[-1]))
     return sorted(rows, key=lambda r: r["rank"])
 

@@ -1,31 +1,37 @@
 """Training state that survives a restart: checkpoints and the metrics log.
 
-A checkpoint is one folder:
+A checkpoint is one folder, `{output_dir}/train/checkpoints/step-{N:08d}/`:
 
-    model.pt       full (unsharded) model state dict
-    optimizer.pt   full optimizer state dict, keyed by parameter name
+    .metadata, __R_0.distcp   the weights and the AdamW state, written by
+                   torch.distributed.checkpoint (DCP): rank R writes only the
+                   shards it holds (under fsdp, 1/world of every tensor; under
+                   ddp, where every rank holds every tensor, DCP writes each
+                   tensor once, from one rank)
     scheduler.pt   LR scheduler state
     rng.pt         torch / numpy / random states of every rank, by rank
     state.json     {"step": N, "epoch": E, "skipped_batches": S}: the last
                    finished step (the data position follows from it, see
                    dpo.batching) and the batches skipped as non-finite so far
+    COMPLETE       written last, once every rank's files are in place
 
-It goes to Ray Train through `ray.train.report`, and rank 0 also publishes it
-as `{output_dir}/train/checkpoints/step-{N:08d}/` with a `COMPLETE` file
-written last. Ray uploads a reported checkpoint after the call, so a worker
-that dies at the wrong moment can lose the newest one; a restart therefore
-takes the newest of Ray's checkpoint and our newest complete folder, and never
-silently starts again from step 0.
+Every rank writes straight into that folder and reads its own shards straight
+from it (a local or shared path, or a URI through DCP's fsspec writer), so a
+checkpoint is stored once and never passes through one rank. Ray Train gets a
+pointer: `ray.train.report` copies a reported folder into its run folder
+(`train/ray/checkpoint-N/`), so what it receives is a folder holding only
+state.json, which names the step. Ray registers a report after the
+call returns, so a worker that dies at the wrong moment can lose the newest
+one; a restart therefore takes our newest complete folder, which is never
+older than Ray's latest, and never silently starts again from step 0.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
 import random
-import tempfile
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -62,28 +68,74 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- folders
 
 
-def write(folder: str, *, model_state: dict, optimizer_state: dict, scheduler_state: dict,
-          rng_states: list, step: int, epoch: int, skipped_batches: int) -> None:
-    torch.save(model_state, os.path.join(folder, "model.pt"))
-    torch.save(optimizer_state, os.path.join(folder, "optimizer.pt"))
-    torch.save(scheduler_state, os.path.join(folder, "scheduler.pt"))
-    torch.save(rng_states, os.path.join(folder, "rng.pt"))
-    with open(os.path.join(folder, STATE), "w", encoding="utf-8") as fh:
-        json.dump({"step": step, "epoch": epoch, "skipped_batches": skipped_batches}, fh)
+def folder(root: str, step: int) -> str:
+    return storage.join(root, f"step-{step:08d}")
 
 
-def load(folder: str, name: str):
+def begin(root: str, step: int) -> str:
+    """An empty folder for step `step`'s checkpoint (rank 0, before any rank writes to it)."""
+    dest = folder(root, step)
+    storage.delete_dir(dest)  # a half-written one from a try that died
+    storage.makedirs(dest)
+    return dest
+
+
+def write_states(dest: str, *, scheduler_state: dict, rng_states: list, step: int, epoch: int,
+                 skipped_batches: int) -> None:
+    """The small, whole states beside the shards (rank 0)."""
+    storage.write_bytes(storage.join(dest, "scheduler.pt"), _torch_bytes(scheduler_state))
+    storage.write_bytes(storage.join(dest, "rng.pt"), _torch_bytes(rng_states))
+    storage.write_text(storage.join(dest, STATE),
+                       json.dumps({"step": step, "epoch": epoch, "skipped_batches": skipped_batches}))
+
+
+def finish(root: str, step: int, keep: int) -> None:
+    """Mark step `step`'s checkpoint complete (every rank's files are in), drop all but the newest `keep`."""
+    storage.write_text(storage.join(folder(root, step), COMPLETE), json.dumps({"step": step}))
+    for old in complete_steps(root)[:-keep]:
+        storage.delete_dir(folder(root, old))
+
+
+def write_shards(dest: str, state: dict) -> None:
+    """Every rank, together: the tensors of `state` that this rank holds (DTensors: its shards) into `dest`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=dest)
+
+
+def read_shards(dest: str, state: dict) -> None:
+    """Every rank, together: fill `state`'s tensors, in place, from `dest`; each rank reads only what its
+    tensors hold (DTensors: its shards), whichever ranks wrote them."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=dest)
+
+
+def pointer(local_dir: str, step: int) -> str:
+    """Fill `local_dir` with what Ray Train is given of step `step`'s checkpoint: its step, no weights."""
+    with open(os.path.join(local_dir, STATE), "w", encoding="utf-8") as fh:
+        json.dump({"step": step}, fh)
+    return local_dir
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def load(dest: str, name: str):
     # weights_only=False: the RNG states hold numpy/random objects; we wrote these files ourselves.
-    return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(storage.read_bytes(storage.join(dest, name))), map_location="cpu",
+                      weights_only=False)
 
 
-def read_state(folder: str) -> dict:
-    with open(os.path.join(folder, STATE), encoding="utf-8") as fh:
-        return json.load(fh)
+def read_state(dest: str) -> dict:
+    return json.loads(storage.read_text(storage.join(dest, STATE)))
 
 
-def read_step(folder: str) -> int:
-    return int(read_state(folder)["step"])
+def read_step(dest: str) -> int:
+    return int(read_state(dest)["step"])
 
 
 def _subdirs(root: str) -> list[str]:
@@ -94,20 +146,6 @@ def _subdirs(root: str) -> list[str]:
     return sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 
-def publish(local_dir: str, root: str, step: int, keep: int) -> str:
-    """Copy a checkpoint folder to root/step-N, mark it complete, drop all but the newest `keep`."""
-    dest = storage.join(root, f"step-{step:08d}")
-    storage.delete_dir(dest)  # a half-written copy from a try that died
-    fs, path = storage.resolve(dest)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    storage.write_text(storage.join(dest, COMPLETE), json.dumps({"step": step}))
-    done = complete_steps(root)
-    for old in done[:-keep]:
-        storage.delete_dir(storage.join(root, f"step-{old:08d}"))
-    return dest
-
-
 def complete_steps(root: str) -> list[int]:
     steps = []
     for name in _subdirs(root):
@@ -116,23 +154,13 @@ def complete_steps(root: str) -> list[int]:
     return sorted(steps)
 
 
-@contextlib.contextmanager
-def newest(ray_checkpoint, root: str) -> Iterator[Optional[str]]:
-    """A local folder holding the newest checkpoint of Ray's and ours; None on a fresh start."""
+def newest(root: str) -> Optional[str]:
+    """The folder of the newest complete checkpoint; None on a fresh start.
+
+    Ray's latest pointer never names a newer one (a folder is complete before it is reported) but may name
+    an older one (its report was lost), so the choice is ours alone."""
     own = complete_steps(root)
-    with contextlib.ExitStack() as stack:
-        ray_dir = stack.enter_context(ray_checkpoint.as_directory()) if ray_checkpoint is not None else None
-        ray_step = read_step(ray_dir) if ray_dir else -1
-        if own and own[-1] > ray_step:
-            src = storage.join(root, f"step-{own[-1]:08d}")
-            if storage.is_uri(src):
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="dpo-ckpt-"))
-                fs, path = storage.resolve(src)
-                pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-                src = tmp
-            yield src
-        else:
-            yield ray_dir
+    return folder(root, own[-1]) if own else None
 
 
 # --------------------------------------------------------------------------- metrics log

@@ -68,6 +68,13 @@ def write_bytes(path: str, data: bytes) -> None:
             fh.write(data)
 
 
+def open_output(path: str):
+    """A stream that writes `path` from its start (its folder is made): for files written piece by piece."""
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
+    return fs.open_output_stream(p, compression=None)
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

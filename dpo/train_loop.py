@@ -25,14 +25,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from dpo import checkpoint as ckpt
 from dpo import storage
 from dpo.batching import Pairs, choose_layout, collate, epoch_plan, rank_micro_batches
 from dpo.config import Config, TrainConfig
+from dpo.export import tied_aliases, write_safetensors
 from dpo.forward import Layout, PolicyLogps, check_response_head, sequence_logps
 from dpo.lora import ADAPTER_DIR, save_merged
 from dpo.losses import LossType, preference_loss
@@ -45,10 +45,9 @@ log = logging.getLogger("raydpo.train")
 STATS = ["pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
          "logps/chosen", "logps/rejected", "tokens", "nonfinite"]
 AVERAGED = STATS[1:8]
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# What a checkpoint holds of the model: the parameters that train. All of them, or under model.lora the adapters
-# alone (dpo.lora): the frozen base is model.policy's, read again by a restore.
-TRAINED_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+# What a checkpoint holds of the model: the parameters that train, as this rank holds them. All of them, or under
+# model.lora the adapters alone (dpo.lora): the frozen base is model.policy's, read again by a restore.
+TRAINED_STATE = StateDictOptions(ignore_frozen_params=True)
 ERROR_FILE = "error.txt"
 # PolicyLogps holds the transformers model as `lm`: its keys in checkpoints, not in the exported policy/.
 LM_PREFIX = "lm."
@@ -369,71 +368,98 @@ def _maybe_fail(w: Worker, step: int) -> None:
     os._exit(1)
 
 
+def _train_state(w: Worker) -> dict:
+    """What a checkpoint holds of the model and the optimizer, as this rank holds it (under fsdp, its DTensor
+    shards), keyed by parameter name (PolicyLogps's, `lm.`-prefixed): the one place that says which tensors
+    a checkpoint saves and restores."""
+    return {"model": get_model_state_dict(w.model, options=TRAINED_STATE),
+            "optimizer": get_optimizer_state_dict(w.model, w.optimizer)}
+
+
 def _restore(w: Worker) -> None:
-    """Load the newest checkpoint (Ray's or ours) into the model, optimizer, scheduler and RNG.
+    """Load the newest complete checkpoint into the model, optimizer, scheduler and RNG.
 
     Sets `w.step` and `w.skipped` to its step and the batches skipped as
-    non-finite up to it. Sharded, only rank 0 reads the full states and the
-    others receive their shards.
+    non-finite up to it. Each rank reads only the shards it holds.
     """
-    sharded = w.t.strategy == "fsdp"
-    with ckpt.newest(ray.train.get_checkpoint(), storage.join(w.train_dir, "checkpoints")) as folder:
-        if folder is None:
-            return
-        # Under model.lora the checkpoint holds only the adapters (TRAINED_STATE): the base stays as loaded.
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded,
-                                   strict=not w.cfg.model.lora.enabled)
-        reads = w.rank == 0 or not sharded
-        set_model_state_dict(w.model, ckpt.load(folder, "model.pt") if reads else {}, options=options)
-        set_optimizer_state_dict(w.model, w.optimizer, ckpt.load(folder, "optimizer.pt") if reads else {},
-                                 options=options)
-        w.scheduler.load_state_dict(ckpt.load(folder, "scheduler.pt"))
-        ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[w.rank])
-        state = ckpt.read_state(folder)
-        w.step, w.skipped = int(state["step"]), int(state["skipped_batches"])
+    folder = ckpt.newest(storage.join(w.train_dir, "checkpoints"))
+    if folder is None:
+        return
+    state = _train_state(w)  # the optimizer's state tensors are made here, zero, to be read into
+    ckpt.read_shards(folder, state)
+    # Under model.lora the checkpoint holds only the adapters: the base stays as loaded.
+    set_model_state_dict(w.model, state["model"], options=StateDictOptions(strict=not w.cfg.model.lora.enabled))
+    set_optimizer_state_dict(w.model, w.optimizer, state["optimizer"])
+    w.scheduler.load_state_dict(ckpt.load(folder, "scheduler.pt"))
+    ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[w.rank])
+    saved = ckpt.read_state(folder)
+    w.step, w.skipped = int(saved["step"]), int(saved["skipped_batches"])
 
 
 def _save(w: Worker, metrics: dict) -> None:
-    # Gathering full state dicts is collective under FSDP: every rank takes part.
-    model_state = get_model_state_dict(w.model, options=TRAINED_STATE)
-    optimizer_state = get_optimizer_state_dict(w.model, w.optimizer, options=FULL_STATE)
+    """Every rank writes its shards into the step's folder; rank 0 then the small states, COMPLETE, and the
+    report of a pointer to it (dpo.checkpoint)."""
+    root = storage.join(w.train_dir, "checkpoints")
+    folder = ckpt.begin(root, w.step) if w.rank == 0 else ckpt.folder(root, w.step)
     rng = ckpt.rng_state()
     rngs = [None] * w.world if dist.is_initialized() else [rng]
     if dist.is_initialized():
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(rngs, rng)  # also: no rank writes before rank 0 has emptied the folder
+    ckpt.write_shards(folder, _train_state(w))
     if w.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    ckpt.write_states(folder, scheduler_state=w.scheduler.state_dict(), rng_states=rngs, step=w.step,
+                      epoch=(w.step - 1) // w.steps_per_epoch, skipped_batches=w.skipped)
+    # dcp.save returns on every rank once the last rank's files and the metadata are written.
+    ckpt.finish(root, w.step, w.t.keep_checkpoints)
     with tempfile.TemporaryDirectory(prefix="dpo-ckpt-") as tmp:
-        ckpt.write(tmp, model_state=model_state, optimizer_state=optimizer_state,
-                   scheduler_state=w.scheduler.state_dict(), rng_states=rngs, step=w.step,
-                   epoch=(w.step - 1) // w.steps_per_epoch, skipped_batches=w.skipped)
-        ckpt.publish(tmp, storage.join(w.train_dir, "checkpoints"), w.step, w.t.keep_checkpoints)
-        ray.train.report({**metrics, "step": w.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint-{w.step:08d}")
+        ray.train.report({**metrics, "step": w.step}, checkpoint=ray.train.Checkpoint.from_directory(
+            ckpt.pointer(tmp, w.step)), checkpoint_dir_name=f"checkpoint-{w.step:08d}")
 
 
 def _save_policy(w: Worker, dest: str) -> None:
-    """The trained weights and the tokenizer, in Hugging Face format; under model.lora the adapters merged
-    in, and the adapter alone beside `dest` (dpo.lora)."""
-    state = get_model_state_dict(w.model, options=FULL_STATE)
+    """The trained weights and the tokenizer, in Hugging Face format, gathered one tensor at a time."""
+    if w.cfg.model.lora.enabled:
+        _save_merged_policy(w, dest)
+        return
+    state = {name.removeprefix(LM_PREFIX): tensor for name, tensor in get_model_state_dict(w.model).items()}
+    for alias in tied_aliases(w.policy.lm):
+        state.pop(alias, None)
+    if w.rank == 0:
+        storage.delete_dir(dest)
+    write_safetensors(state, dest, rank=w.rank)
+    if w.rank != 0:
+        return
+    with tempfile.TemporaryDirectory(prefix="dpo-policy-") as tmp:
+        w.policy.lm.config.save_pretrained(tmp)
+        if getattr(w.policy.lm, "generation_config", None) is not None:
+            w.policy.lm.generation_config.save_pretrained(tmp)
+        _save_tokenizer(w.cfg, tmp)
+        fs, path = storage.resolve(dest)
+        pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _save_merged_policy(w: Worker, dest: str) -> None:
+    """Under model.lora: the adapters merged into the base by peft (dpo.lora), and the adapter alone beside
+    `dest`. peft merges whole modules, so the model is gathered on rank 0's CPU for this, unlike `_save_policy`."""
+    state = get_model_state_dict(w.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if w.rank != 0:
         return
     state = {name.removeprefix(LM_PREFIX): tensor for name, tensor in state.items()}
+    with tempfile.TemporaryDirectory(prefix="dpo-policy-") as tmp:
+        policy_dir, adapter_dir = os.path.join(tmp, "policy"), os.path.join(tmp, ADAPTER_DIR)
+        save_merged(state, w.cfg, w.policy.lm.config, policy_dir, adapter_dir)
+        _save_tokenizer(w.cfg, policy_dir)
+        _publish(adapter_dir, storage.join(w.train_dir, ADAPTER_DIR))
+        _publish(policy_dir, dest)
+
+
+def _save_tokenizer(cfg: Config, folder: str) -> None:
     from transformers import AutoTokenizer
 
-    cfg = w.cfg
-    with tempfile.TemporaryDirectory(prefix="dpo-policy-") as tmp:
-        policy_dir = os.path.join(tmp, "policy")
-        if cfg.model.lora.enabled:
-            adapter_dir = os.path.join(tmp, ADAPTER_DIR)
-            save_merged(state, cfg, w.policy.lm.config, policy_dir, adapter_dir)
-            _publish(adapter_dir, storage.join(w.train_dir, ADAPTER_DIR))
-        else:
-            w.policy.lm.save_pretrained(policy_dir, state_dict=state)
-        AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
-                                      trust_remote_code=cfg.model.trust_remote_code).save_pretrained(policy_dir)
-        _publish(policy_dir, dest)
+    AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
+                                  trust_remote_code=cfg.model.trust_remote_code).save_pretrained(folder)
 
 
 def _publish(local_dir: str, dest: str) -> None:

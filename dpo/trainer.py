@@ -5,8 +5,8 @@ this module turns config + datasets into a run and returns what it produced:
 
     {output_dir}/train/config.yaml      the resolved config
     {output_dir}/train/metrics.jsonl    one line per logged step
-    {output_dir}/train/checkpoints/     step-N/ folders, COMPLETE-marked (see dpo.checkpoint)
-    {output_dir}/train/ray/             Ray Train's run folder and its checkpoints
+    {output_dir}/train/checkpoints/     step-N/ folders, COMPLETE-marked, each rank's shards (see dpo.checkpoint)
+    {output_dir}/train/ray/             Ray Train's run folder: its checkpoints point to those, by step
     {output_dir}/train/policy/          the trained model + tokenizer, Hugging Face format (LoRA: merged)
     {output_dir}/train/adapter/         model.lora's adapter alone, in peft's format (dpo.lora)
     {output_dir}/train/tensorboard/, wandb/, mlflow.db, tracker_runs.json   train.report_to's trackers (dpo.trackers)
@@ -23,7 +23,7 @@ from typing import Optional
 import yaml
 
 from dpo import schema, storage
-from dpo.checkpoint import complete_steps, read_metrics
+from dpo.checkpoint import complete_steps, newest, read_metrics
 from dpo.config import Config, UserError
 from dpo.context import check_max_length, check_model_folder, read_model_config
 from dpo.job_cpus import refuse_unless_fits
@@ -226,7 +226,7 @@ def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = N
         "report": report,
         "policy": storage.join(train_dir, "policy") if t.save_policy else None,
         "adapter": storage.join(train_dir, ADAPTER_DIR) if t.save_policy and cfg.model.lora.enabled else None,
-        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "checkpoint": newest(storage.join(train_dir, "checkpoints")),
     }
 
 

@@ -1,52 +1,58 @@
-"""Promise: when Ray Train lost a checkpoint report that was still queued as a worker died, the run
-resumes from the newest complete checkpoint of its own, never silently from step 0, and never from a
-half-written one."""
+"""Promise: a run resumes from its newest complete checkpoint, never from a half-written one and never
+silently from step 0, also when Ray Train lost the newest report (a worker died with it still queued): Ray
+holds only pointers, by step, and our COMPLETE-marked folders decide."""
 
 import json
 
 import pytest
-from ray.train import Checkpoint
 
 from dpo import checkpoint as ckpt
 
 
-def make(folder, step):
-    folder.mkdir(parents=True)
-    (folder / ckpt.STATE).write_text(json.dumps({"step": step, "epoch": 0}))
-    return folder
+def publish(root, step, keep=2):
+    """What _save does around the shards: an emptied folder, the small states, COMPLETE last."""
+    folder = ckpt.begin(str(root), step)
+    ckpt.write_states(folder, scheduler_state={}, rng_states=[], step=step, epoch=0, skipped_batches=0)
+    ckpt.finish(str(root), step, keep)
 
 
 @pytest.fixture
 def own(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (4, 6):
-        src = make(tmp_path / f"src-{step}", step)
-        ckpt.publish(str(src), str(root), step, keep=2)
-    make(root / "step-00000008", 8)  # copied, but its COMPLETE marker never landed
+        publish(root, step)
+    half = ckpt.begin(str(root), 8)  # its shards were being written when the worker died: no COMPLETE
+    ckpt.write_states(half, scheduler_state={}, rng_states=[], step=8, epoch=0, skipped_batches=0)
     return root
 
 
-def chosen_step(ray_checkpoint, root):
-    with ckpt.newest(ray_checkpoint, str(root)) as folder:
-        return None if folder is None else ckpt.read_step(folder)
-
-
 def test_lost_report_resumes_from_our_newest_complete_checkpoint(own):
-    """Ray never heard of any checkpoint (its report was lost): step 6, the newest complete one."""
+    """Whatever Ray last heard of (step 4, or nothing): step 6, the newest complete one, not the half-written 8."""
     assert ckpt.complete_steps(str(own)) == [4, 6]
-    assert chosen_step(None, own) == 6
+    assert ckpt.newest(str(own)) == ckpt.folder(str(own), 6)
+    assert ckpt.read_step(ckpt.newest(str(own))) == 6
 
 
-def test_ray_older_than_ours_loses(own, tmp_path):
-    assert chosen_step(Checkpoint.from_directory(str(make(tmp_path / "ray4", 4))), own) == 6
+def test_a_retried_step_starts_from_an_empty_folder_and_pruning_keeps_the_newest(own):
+    """The retry of step 8 empties what the dead try left; once complete, only steps 6 and 8 remain (keep 2)."""
+    (own / "step-00000008" / "__1_0.distcp").write_bytes(b"a dead try's shard")
+    publish(own, 8)
+    assert sorted(p.name for p in (own / "step-00000008").iterdir()) == ["COMPLETE", "rng.pt", "scheduler.pt",
+                                                                        ckpt.STATE]
+    assert sorted(p.name for p in own.iterdir()) == ["step-00000006", "step-00000008"]
+    assert json.loads((own / "step-00000008" / ckpt.STATE).read_text()) == {"step": 8, "epoch": 0,
+                                                                           "skipped_batches": 0}
 
 
-def test_ray_newer_than_ours_wins(own, tmp_path):
-    assert chosen_step(Checkpoint.from_directory(str(make(tmp_path / "ray10", 10))), own) == 10
+def test_ray_is_given_a_pointer_without_weights(tmp_path):
+    ckpt.pointer(str(tmp_path), 12)
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.STATE]
+    assert ckpt.read_step(str(tmp_path)) == 12
 
 
 def test_fresh_start_when_nothing_exists(tmp_path):
-    assert chosen_step(None, tmp_path / "none") is None
+    assert ckpt.newest(str(tmp_path / "none")) is None
+
 
 
 def test_resume_check_names_a_nested_key_and_takes_an_absent_one_as_its_default(tmp_path):

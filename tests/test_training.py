@@ -245,10 +245,10 @@ def test_trackers_hold_rank_0s_metrics_records(two_workers):
     assert all(board[k] == np.float32(want[k]) for k in want)
 
 
-def test_policy_loads_and_gives_the_trained_logps(two_workers):
+def assert_policy_gives_the_trained_logps(cfg, result, metrics):
+    """policy/ loads in transformers and scores the held-out pairs as the last step's evaluation did."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg, result, metrics = two_workers
     model = AutoModelForCausalLM.from_pretrained(result["policy"]).eval()
     AutoTokenizer.from_pretrained(result["policy"])
     folder = os.path.join(cfg.run.output_dir, "reference_eval")
@@ -261,14 +261,43 @@ def test_policy_loads_and_gives_the_trained_logps(two_workers):
     assert math.isclose(float(rejected.mean()), metrics[-1]["eval/logps/rejected"], rel_tol=1e-5, abs_tol=1e-4)
 
 
-def test_checkpoints_are_complete_and_pruned(two_workers):
+def test_policy_loads_and_gives_the_trained_logps(two_workers):
+    assert_policy_gives_the_trained_logps(*two_workers)
+
+
+def shard_bytes(folder) -> dict:
+    """{rank: bytes} of the weight and AdamW shards that each rank wrote into a checkpoint folder."""
+    return {int(p.name[2:].split("_")[0]): p.stat().st_size for p in Path(folder).glob("__*_0.distcp")}
+
+
+def assert_stored_once(train_dir, tiny_model, num_checkpoints):
+    """Each checkpoint holds the weights and AdamW's two moments, fp32, once: 12 bytes a parameter (plus DCP's
+    framing of each tensor, under 10% here), in checkpoints/ only. Ray's run folder holds pointers and its
+    own bookkeeping, a few KiB (it used to hold a copy of every checkpoint)."""
+    params = sum(t.numel() for t in weights(tiny_model).values())
+    for folder in sorted((train_dir / "checkpoints").iterdir()):
+        total = sum(shard_bytes(folder).values())
+        assert 12 * params <= total < 1.1 * 12 * params, (folder, total, params)
+    assert len(list((train_dir / "checkpoints").iterdir())) == num_checkpoints
+    ray_files = [p for p in (train_dir / "ray").rglob("*") if p.is_file()]
+    assert ray_files and sum(p.stat().st_size for p in ray_files) < 64 * 1024, ray_files
+    assert sorted(p.name for p in (train_dir / "ray").glob("checkpoint-*")) == [
+        "checkpoint-00000006", "checkpoint-00000008"]
+
+
+def test_checkpoints_are_complete_and_pruned(two_workers, tiny_model):
+    """Pruned to keep_checkpoints=2, each COMPLETE, each stored once. Under ddp both ranks hold every tensor
+    and DCP writes each once, shared out between them: both ranks' files hold part of the 12 bytes a parameter."""
     cfg, _, _ = two_workers
-    root = os.path.join(cfg.run.output_dir, "train", "checkpoints")
+    train_dir = Path(cfg.run.output_dir) / "train"
+    root = train_dir / "checkpoints"
     assert sorted(os.listdir(root)) == ["step-00000006", "step-00000008"]   # keep_checkpoints=2
-    for name in os.listdir(root):
-        assert os.path.exists(os.path.join(root, name, "COMPLETE"))
-    with open(os.path.join(root, "step-00000008", "state.json")) as fh:
+    assert sorted(os.listdir(root / "step-00000008")) == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp",
+                                                          "rng.pt", "scheduler.pt", "state.json"]
+    with open(root / "step-00000008" / "state.json") as fh:
         assert json.load(fh) == {"step": 8, "epoch": 1, "skipped_batches": 0}
+    assert all(size > 0 for size in shard_bytes(root / "step-00000008").values())
+    assert_stored_once(train_dir, tiny_model, 2)
 
 
 def test_fingerprint_mismatch_is_a_clean_error(base, tmp_path):
@@ -367,13 +396,16 @@ def test_resuming_under_another_config_is_refused(base, two_workers):
         train(changed, *find_datasets(changed))
 
 
-def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers):
-    """FSDP2 over gloo: rank 0 alone reads the weights, rank 1 starts on the meta device; a worker dies at
-    step 5 and only rank 0 reads the checkpoint back. Sharded or replicated, the same global batches give
-    the same updates: every step's metrics and the trained weights agree with ddp."""
+def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers, tiny_model):
+    """FSDP2 over gloo: rank 0 alone reads the weights, rank 1 starts on the meta device; each rank writes
+    only its own shards of the weights and AdamW state into each checkpoint (torch.distributed.checkpoint);
+    a worker dies at step 5 and each rank reads its own shards of step 3 back. Sharded or replicated, the
+    same global batches give the same updates: every step's metrics and the trained weights agree with ddp,
+    and policy/, gathered one tensor at a time, loads in transformers and scores as training did. A resume
+    under another world size is refused, naming the key."""
     out = tmp_path / "fsdp"
-    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "train.strategy=fsdp",
-                             "debug.fail_at_step=5", "train.max_failures=1")
+    cfg, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "train.strategy=fsdp",
+                               "debug.fail_at_step=5", "train.max_failures=1")
     assert (out / "train" / ".failed_at_step_5").exists()
     _, full, expected = two_workers
     assert [m["step"] for m in metrics] == list(range(1, 9))
@@ -382,6 +414,16 @@ def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers):
     w, v = weights(result["policy"]), weights(full["policy"])
     assert set(w) == set(v)
     assert all(torch.allclose(w[k], v[k], atol=1e-5, rtol=0) for k in w)
+    assert_policy_gives_the_trained_logps(cfg, result, metrics)
+
+    # Each rank's file holds its half of every tensor (the tiny model's dimensions are even): within 10%.
+    shards = shard_bytes(out / "train" / "checkpoints" / "step-00000008")
+    assert sorted(shards) == [0, 1]
+    assert all(abs(size - sum(shards.values()) / 2) < 0.1 * sum(shards.values()) / 2 for size in shards.values())
+    assert_stored_once(out / "train", tiny_model, 2)
+
+    with pytest.raises(UserError, match="holds checkpoints of a run with another train.num_workers"):
+        run(base, out, "train.num_workers=1", "train.batch_size=8", "train.strategy=fsdp")
 
 
 def test_fsdp_accumulation_defers_the_reduction_and_matches_ddp(base, tmp_path, two_workers):
@@ -441,10 +483,13 @@ def test_lora_learns_from_ln2_and_leaves_the_base_alone(lora, tiny_model):
     assert metrics[-1]["eval/loss"] < math.log(2) - 0.05, metrics[-1]
 
     folder = Path(cfg.run.output_dir) / "train" / "checkpoints" / "step-00000008"
-    model_state = torch.load(folder / "model.pt", weights_only=True)
-    assert model_state and all(".lora_A." in k or ".lora_B." in k for k in model_state), sorted(model_state)[:3]
-    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
-    assert set(optimizer_state["state"]) == set(model_state)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = list(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    model_keys = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys), sorted(model_keys)[:3]
+    moments = {k.removeprefix("optimizer.state.").rsplit(".", 1)[0] for k in saved if k.startswith("optimizer.state.")}
+    assert moments == model_keys
 
     exported, original = weights(result["policy"]), weights(tiny_model)
     assert exported.keys() == original.keys()
