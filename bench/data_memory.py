@@ -15,8 +15,8 @@ first epoch's plan, and measures itself:
   dataset (ray.data.from_arrow, DataConfig(datasets_to_split=[])); every rank
   iterates it whole and builds Python lists of int64 arrays (the Pairs of
   dpo.batching before this change, copied below for the comparison);
-- new: the driver lays the columns out once (dpo.trainer.read_pairs) and puts
-  them in the object store (dpo.trainer._put_pairs); every rank maps that copy
+- new: the driver lays the columns out once (dpo.launch.read_pairs) and puts
+  them in the object store (dpo.launch._put_pairs); every rank maps that copy
   and views it (dpo.batching.Pairs.from_batch), as dpo.train_loop does.
 
 Per rank, MiB above the rank's own memory when its loop starts (Python, torch
@@ -189,7 +189,7 @@ def run_side(side: str, folder: str, files: list[str], n: int, workers: int, tmp
     from ray.train.torch import TorchTrainer
 
     from dpo import storage
-    from dpo.trainer import TrainData, _put_pairs
+    from dpo.launch import DatasetFolder, _put_pairs
 
     gc.collect()
     pa.default_memory_pool().release_unused()  # what an earlier side freed must not count as this one's
@@ -203,7 +203,7 @@ def run_side(side: str, folder: str, files: list[str], n: int, workers: int, tmp
         kwargs = dict(datasets={"train": ray.data.from_arrow(table)}, dataset_config=DataConfig(datasets_to_split=[]))
         del table
     else:
-        config["pairs"] = _put_pairs(TrainData(folder, {"files": files, "counts": {"kept": n},
+        config["pairs"] = _put_pairs(DatasetFolder(folder, {"files": files, "counts": {"kept": n},
                                                         "layout": {"scored": True}}))
     driver_s, driver_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     after = status()

@@ -17,13 +17,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from dpo.errors import UserError
 from dpo.loss_options import LOSS_OPTION_NAMES, LossOptions
 
 _LOSS_OPTION_TYPES = typing.get_type_hints(LossOptions)
-
-
-class UserError(Exception):
-    """A mistake the user can fix. Entry points print it as one line and exit 2."""
 
 
 class ConfigError(UserError):

@@ -13,8 +13,9 @@ import json
 import os
 from typing import Optional
 
-from dpo.config import Config, UserError
-from dpo.context import check_model_folder, tokenizer_files
+from dpo.config import Config
+from dpo.errors import UserError
+from dpo.model_folders import check_model_folder, tokenizer_files
 from dpo.storage import read_text, join, exists
 
 MANIFEST = "_manifest.json"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from dpo.config import UserError
+from dpo.errors import UserError
 
 
 @dataclass(frozen=True)

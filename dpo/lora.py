@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from dpo.config import Config, LoraConfig, UserError
+from dpo.config import Config, LoraConfig
+from dpo.errors import UserError
 
 ADAPTER_DIR = "adapter"  # train/adapter/, beside train/policy/
 

@@ -2,7 +2,7 @@
 
 The pipeline writes these columns (pipeline.manifest's shard writer, fed by
 pipeline.tokenize and pipeline.scoring) and training reads them
-(dpo.trainer, dpo.batching); both import the names and Arrow types from
+(dpo.launch, dpo.batching); both import the names and Arrow types from
 here, so a writer and a reader cannot drift apart. It lives in dpo because
 dpo never imports pipeline.
 

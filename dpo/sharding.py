@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from dpo.config import Config, UserError
-from dpo.context import read_model_config
+from dpo.config import Config
+from dpo.errors import UserError
+from dpo.model_folders import read_model_config
 from dpo.forward import PolicyLogps
 from dpo.lora import add_adapters
 

@@ -20,7 +20,8 @@ import os
 from typing import Optional
 
 from dpo import storage
-from dpo.config import Config, UserError
+from dpo.config import Config
+from dpo.errors import UserError
 
 # The modules each optional tracker needs on rank 0; raydpo's extra of the tracker's name installs them.
 # (TensorBoard's writer, tensorboardX, is a core requirement.)
@@ -74,7 +75,7 @@ def open_trackers(cfg: Config, train_dir: str, rank: int, start: int) -> Tracker
     """The trackers of train.report_to for a run resuming after step `start` (0: none done).
 
     A restarted or resumed run continues the W&B and MLflow runs it began (their ids are kept in
-    train/tracker_runs.json, which dpo.trainer deletes when a run starts over): one tracker run per
+    train/tracker_runs.json, which dpo.launch deletes when a run starts over): one tracker run per
     training run, however often it restarts.
     """
     names = cfg.train.report_to

@@ -15,7 +15,8 @@ import os
 import sys
 from typing import Callable, Iterator, Optional
 
-from dpo.config import Config, UserError, load_config
+from dpo.config import Config, load_config
+from dpo.errors import UserError
 from dpo.job_cpus import note_free_cpus
 from jobs.logs import FILE_ONLY, JobLog, setup_terminal
 from pipeline.vllm_build import check_torchvision

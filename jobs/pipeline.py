@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 
-from dpo.config import Config, UserError
+from dpo.config import Config
+from dpo.errors import UserError
 from jobs import train as train_job
 from jobs.cli import job
 from jobs.summary import print_dataset_summary, table

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpo.context import check_model_folders
+from dpo.model_folders import check_model_folders
 from jobs.cli import job
 from jobs.summary import print_dataset_summary
 from pipeline.prepare import dataset_folder, prepare

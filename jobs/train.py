@@ -10,9 +10,9 @@ from typing import Optional
 
 from dpo import fingerprint as fpr
 from dpo.config import Config
-from dpo.context import check_model_folders
+from dpo.model_folders import check_model_folders
 from dpo.trackers import check_trackers
-from dpo.trainer import TrainData, needs_reference, train
+from dpo.launch import DatasetFolder, needs_reference, train
 from jobs.cli import job
 from jobs.summary import table
 from pipeline.prepare import dataset_folder, split_files
@@ -23,7 +23,7 @@ def dataset_kind(cfg: Config) -> str:
     return "reference" if needs_reference(cfg) else "prepared"
 
 
-def find_datasets(cfg: Config) -> tuple[TrainData, Optional[TrainData]]:
+def find_datasets(cfg: Config) -> tuple[DatasetFolder, Optional[DatasetFolder]]:
     """The finished train (and eval) datasets, refused unless their fingerprints match the config."""
     kind = dataset_kind(cfg)
     found = []
@@ -32,7 +32,7 @@ def find_datasets(cfg: Config) -> tuple[TrainData, Optional[TrainData]]:
         expected = fpr.compute(cfg, split_files(cfg, split), with_reference=kind == "reference",
                                tokenization_version=TOKENIZATION_VERSION)
         made_by = "jobs.precompute_reference" if kind == "reference" else "jobs.prepare"
-        found.append(TrainData(folder, fpr.check(folder, expected, made_by=made_by)))
+        found.append(DatasetFolder(folder, fpr.check(folder, expected, made_by=made_by)))
     return found[0], (found[1] if len(found) > 1 else None)
 
 

@@ -21,8 +21,8 @@ import sys
 
 from dpo import fingerprint as fpr
 from dpo import schema, storage
-from dpo.config import UserError
-from dpo.context import check_model_folders
+from dpo.errors import UserError
+from dpo.model_folders import check_model_folders
 from jobs.cli import job, log
 from jobs.summary import table
 from pipeline.prepare import dataset_folder, split_files

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo import schema
-from dpo.config import UserError
+from dpo.errors import UserError
 from dpo.fingerprint import MANIFEST, diff, FIELD_FIXES
 from dpo import storage
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dpo.config import UserError
+from dpo.errors import UserError
 from dpo.storage import is_uri, resolve
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")

@@ -20,8 +20,9 @@ from typing import Iterator, Optional, Sequence
 import pyarrow as pa
 
 from dpo import schema, storage
-from dpo.config import Config, UserError
-from dpo.context import check_max_length, read_model_config
+from dpo.config import Config
+from dpo.errors import UserError
+from dpo.model_folders import check_max_length, read_model_config
 from dpo.job_cpus import refuse_unless_fits
 from pipeline.placement import GroupHostedScorer, release_placement_groups
 from pipeline.vllm_build import (INSTALL_CPU, INSTALL_CUDA, VLLMBuild, engine_environment, installed_vllm,

@@ -26,7 +26,8 @@ from typing import Callable, Iterator, Optional
 import pyarrow as pa
 import ray
 
-from dpo.config import Config, UserError
+from dpo.config import Config
+from dpo.errors import UserError
 from pipeline import manifest as mf
 from pipeline.read import RAW_SCHEMA, UnreadableFile, read_file_rows
 from pipeline.tokenize import find_duplicates, tokenize_batch

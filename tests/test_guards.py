@@ -7,8 +7,9 @@ import os
 import pyarrow as pa
 import pytest
 
-from dpo.config import Config, UserError
-from dpo.trainer import refuse_nonfinite_scores
+from dpo.config import Config
+from dpo.errors import UserError
+from dpo.launch import refuse_nonfinite_scores
 from pipeline.manifest import ShardWriter
 
 
@@ -44,12 +45,12 @@ def test_remote_code_is_off_unless_config_turns_it_on():
 def test_training_refuses_max_length_beyond_the_policys_positions(tiny_model, max_length, refused):
     """The tiny policy has 256 positions; training longer sequences would use positions it never learned."""
     from dpo.config import load_config
-    from dpo.trainer import TrainData, validate
+    from dpo.launch import DatasetFolder, validate
 
     cfg = load_config(None, [f"model.policy={tiny_model}", f"data.max_length={max_length}", "data.max_prompt_length=64",
                              "train.num_workers=1",
                              "train.batch_size=1"])
-    data = TrainData(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
+    data = DatasetFolder(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
     if refused:
         with pytest.raises(UserError, match="model.policy: .* takes at most 256 positions .* needs data.max_length "
                                             "= 300 positions.*Lower data.max_length to 256"):
@@ -87,12 +88,12 @@ def test_a_torchvision_that_cannot_load_is_one_clear_line(tmp_path):
 def test_prefix_sharing_on_is_refused_under_an_attention_that_cannot_take_its_mask(tiny_model, attention, refused):
     """Flash kernels take no mask but the causal one; FlexAttention takes the shared layout's as a BlockMask."""
     from dpo.config import load_config
-    from dpo.trainer import TrainData, validate
+    from dpo.launch import DatasetFolder, validate
 
     cfg = load_config(None, [f"model.policy={tiny_model}", "data.max_length=128", "data.max_prompt_length=64",
                              "train.num_workers=1", "train.batch_size=1", "train.prefix_sharing=on",
                              f"model.attn_implementation={attention}"])
-    data = TrainData(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
+    data = DatasetFolder(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
     if refused:
         with pytest.raises(UserError, match=r"^train.prefix_sharing=on needs an attention that takes its mask, which "
                                             r"model.attn_implementation=flash_attention_2 does not; use flex_attention"):
@@ -105,12 +106,12 @@ def test_a_lora_target_that_names_no_linear_layer_is_refused(tiny_model):
     """peft fails only when no target matches; a misspelt one among right ones would leave its layers untrained.
     The tiny Llama's linear layers: the seven projections and lm_head."""
     from dpo.config import load_config
-    from dpo.trainer import TrainData, validate
+    from dpo.launch import DatasetFolder, validate
 
     cfg = load_config(None, [f"model.policy={tiny_model}", "data.max_length=128", "data.max_prompt_length=64",
                              "train.num_workers=1", "train.batch_size=1", "model.lora.enabled=true",
                              "model.lora.target_modules=[q_proj,v_prj]"])
-    data = TrainData(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
+    data = DatasetFolder(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
     with pytest.raises(UserError) as info:
         validate(cfg, data)
     assert str(info.value) == ("model.lora.target_modules: v_prj names no linear layer of LlamaForCausalLM; its "

@@ -41,7 +41,7 @@ def test_the_quickstart_without_its_model_names_build_model(module, tmp_path, mo
 
 
 def test_the_quickstart_model_constant_is_the_quickstart_configs():
-    from dpo.context import QUICKSTART_MODEL
+    from dpo.model_folders import QUICKSTART_MODEL
 
     assert yaml.safe_load(Path(QUICKSTART).read_text())["model"]["policy"] == QUICKSTART_MODEL
 

@@ -14,9 +14,10 @@ import yaml
 from dpo import fingerprint as fpr
 from dpo import schema
 from dpo.batching import Pairs
-from dpo.config import UserError, load_config
+from dpo.config import load_config
+from dpo.errors import UserError
 from dpo.storage import read_parquet_files
-from dpo.trainer import TrainData, read_pairs
+from dpo.launch import DatasetFolder, read_pairs
 from pipeline import manifest as mf
 from pipeline.precompute import precompute
 from pipeline.prepare import dataset_folder
@@ -94,14 +95,14 @@ def test_cached_scores_equal_one_pair_per_forward_on_hh(tmp_path, tiny_model, hh
 @pytest.mark.slow
 def test_what_the_writer_writes_is_what_training_reads(clean):
     """Each Parquet part holds dpo.schema.REFERENCE's columns with its types (list<int32> ids, float64 scores),
-    and training's reader (dpo.trainer.read_pairs, then dpo.batching.Pairs) gives back every written row."""
+    and training's reader (dpo.launch.read_pairs, then dpo.batching.Pairs) gives back every written row."""
     cfg, manifest, _ = clean
     folder = dataset_folder(cfg, "reference", "train")
     assert len(manifest["files"]) == 4                        # 200 pairs in shards of 50
     for name in manifest["files"]:
         written = pq.read_schema(os.path.join(folder, name)).remove_metadata()
         assert written.equals(schema.REFERENCE), (name, written)
-    pairs = Pairs.from_batch(read_pairs(TrainData(folder, manifest)))
+    pairs = Pairs.from_batch(read_pairs(DatasetFolder(folder, manifest)))
     rows = sorted(read_parquet_files(folder, manifest["files"]).to_pylist(), key=lambda r: r[schema.PAIR_ID])
     assert len(pairs) == len(rows) == 200
     for i, row in enumerate(rows):

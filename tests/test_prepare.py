@@ -13,10 +13,11 @@ import pytest
 
 from dpo import schema
 from dpo.batching import Pairs
-from dpo.config import UserError, load_config
+from dpo.config import load_config
+from dpo.errors import UserError
 from dpo.fingerprint import read_manifest
 from dpo.storage import read_parquet_files
-from dpo.trainer import TrainData, read_pairs
+from dpo.launch import DatasetFolder, read_pairs
 from pipeline.prepare import prepare
 from wordlevel import save_wordlevel
 
@@ -89,7 +90,7 @@ def test_every_file_type_and_format(tmp_path, tok_dir):
     folder = os.path.join(cfg.run.output_dir, "prepared")
     for name in manifest["files"]:
         assert pq.read_schema(os.path.join(folder, name)).remove_metadata().equals(schema.PREPARED), name
-    pairs = Pairs.from_batch(read_pairs(TrainData(folder, manifest)))
+    pairs = Pairs.from_batch(read_pairs(DatasetFolder(folder, manifest)))
     assert pairs.ref_chosen is None
     by_id = {row["pair_id"]: row for file_rows in rows.values() for row in file_rows.values()}
     assert sorted(by_id) == list(pairs.pair_ids)

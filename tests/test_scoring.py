@@ -14,7 +14,8 @@ from typing import Optional
 import pyarrow as pa
 import pytest
 
-from dpo.config import UserError, load_config
+from dpo.config import load_config
+from dpo.errors import UserError
 from pipeline.scoring import HFScorer, ReferenceScorer, check_reference_model, pack_by_tokens, prompt_token_logprobs
 from pipeline.tokenize import TOKENIZED_SCHEMA, load_tokenizer
 from pipeline.vllm_build import VLLMBuild
@@ -209,7 +210,7 @@ def test_max_length_beyond_the_models_positions_is_refused(tiny_model, vllm_buil
 def test_max_positions_leaves_scaled_rope_unchecked():
     from transformers import LlamaConfig
 
-    from dpo.context import max_positions
+    from dpo.model_folders import max_positions
 
     assert max_positions(LlamaConfig(max_position_embeddings=4096)) == 4096
     yarn = LlamaConfig(max_position_embeddings=4096,

@@ -22,10 +22,11 @@ import yaml
 from dpo import storage
 from dpo.batching import Pairs, collate
 from dpo.checkpoint import read_metrics
-from dpo.config import UserError, load_config
+from dpo.config import load_config
+from dpo.errors import UserError
 from dpo.fingerprint import read_manifest
 from dpo.forward import PolicyLogps, sequence_logps
-from dpo.trainer import train
+from dpo.launch import train
 from jobs.train import find_datasets
 from pipeline.precompute import precompute
 

@@ -181,7 +181,7 @@ def test_the_quickstart_line_prints_what_a_user_reads_and_files_the_rest(quickst
 def test_training_from_vllm_scores_starts_at_ln2(quickstart_vllm, ray_session, tmp_path):
     """Policy = reference at step 1: every margin is 0, so the sigmoid loss is -log σ(0) = ln 2 = 0.693147."""
     from dpo.checkpoint import read_metrics
-    from dpo.trainer import train
+    from dpo.launch import train
     from jobs.train import find_datasets
 
     work, _ = quickstart_vllm
@@ -230,7 +230,7 @@ def test_verify_reference_passes_on_vllm_scores_and_fails_on_a_corrupted_one(qui
 
 def test_scores_from_another_backend_are_neither_reused_nor_resumed_into(quickstart_vllm, ray_session, tmp_path):
     """The scorer (backend, vLLM build and version, dtype) is part of the reference dataset's fingerprint."""
-    from dpo.config import UserError
+    from dpo.errors import UserError
     from pipeline.precompute import precompute
 
     work, _ = quickstart_vllm

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from dpo.config import ModelConfig, UserError
+from dpo.config import ModelConfig
+from dpo.errors import UserError
 
 # Where configs/quickstart.yaml puts the model that `--build-model quickstart` builds.
 QUICKSTART_MODEL = "runs/quickstart/model"

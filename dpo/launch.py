@@ -24,8 +24,9 @@ import yaml
 
 from dpo import schema, storage
 from dpo.checkpoint import complete_steps, newest, read_metrics
-from dpo.config import Config, UserError
-from dpo.context import check_max_length, check_model_folder, read_model_config
+from dpo.config import Config
+from dpo.errors import UserError
+from dpo.model_folders import check_max_length, check_model_folder, read_model_config
 from dpo.job_cpus import refuse_unless_fits
 from dpo.lora import ADAPTER_DIR, check_lora_targets
 from dpo.losses import LossType
@@ -34,7 +35,7 @@ from dpo.trackers import RUNS_FILE, check_trackers
 log = logging.getLogger("raydpo.train")
 
 @dataclass
-class TrainData:
+class DatasetFolder:
     """A finished dataset folder and its manifest (whose `files` lists the Parquet files)."""
 
     folder: str
@@ -53,7 +54,7 @@ def needs_reference(cfg: Config) -> bool:
     return any(LossType.parse(name).needs_reference for name in cfg.train.loss_types)
 
 
-def validate(cfg: Config, train: TrainData) -> None:
+def validate(cfg: Config, train: DatasetFolder) -> None:
     """The user's mistakes that would otherwise surface inside a worker."""
     t = cfg.train  # the loss settings themselves are checked when the config loads
     if needs_reference(cfg) and not train.scored:
@@ -130,7 +131,7 @@ def _with_absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def read_pairs(data: TrainData):
+def read_pairs(data: DatasetFolder):
     """The columns training reads, laid out for dpo.batching.Pairs (sorted by pair id, each column
     one array). Each column as read is let go once laid out: one copy of the data, plus one column."""
     from dpo.batching import pairs_batch
@@ -145,7 +146,7 @@ def read_pairs(data: TrainData):
     return batch
 
 
-def _put_pairs(data: TrainData):
+def _put_pairs(data: DatasetFolder):
     """The dataset in Ray's object store, once: every worker maps that copy (one per node) instead of
     holding its own, and this process keeps only the reference."""
     import pyarrow as pa
@@ -171,7 +172,7 @@ def refuse_nonfinite_scores(folder: str, table) -> None:
                         "Delete it and rerun jobs.precompute_reference")
 
 
-def train(cfg: Config, train_data: TrainData, eval_data: Optional[TrainData] = None) -> dict:
+def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFolder] = None) -> dict:
     """Run DPO training; return the final metrics and where the outputs are."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
