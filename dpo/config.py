@@ -141,6 +141,9 @@ class TrainConfig(_LossKeys):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
+    # How Ray places the workers' bundles on nodes: PACK fills a node first; SPREAD (STRICT_SPREAD: one per
+    # node, or wait) puts them on different nodes, for a node's bandwidth or memory each.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Checked, with loss_weights and the other loss keys, by dpo.losses.check_loss_config.
     loss_type: Union[LossName, list[LossName]] = "sigmoid"

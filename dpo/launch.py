@@ -71,10 +71,24 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
     refuse_unless_fits(t.num_workers * t.cpus_per_worker,
                        f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
                        f"{t.cpus_per_worker:g})", lower="train.num_workers or train.cpus_per_worker")
+    _check_strict_spread(t)
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
                         "(train.batch_size x train.num_workers x train.grad_accum); lower one of them")
+
+
+def _check_strict_spread(t) -> None:
+    """STRICT_SPREAD gives each worker a node of its own; with fewer nodes its placement group waits forever."""
+    if t.placement_strategy != "STRICT_SPREAD":
+        return
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if t.num_workers > nodes:
+        raise UserError(f"train.placement_strategy=STRICT_SPREAD puts each of the train.num_workers={t.num_workers} "
+                        f"workers on a node of its own, but the cluster has {nodes}, so it would wait forever; lower "
+                        "train.num_workers, use SPREAD or PACK, or add nodes")
 
 
 def _check_policy_context(cfg: Config) -> None:
@@ -87,7 +101,7 @@ def _check_policy_context(cfg: Config) -> None:
 # the same values, dropout's RNG state included).
 RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
                "eval_every", "report_to", "tracker_project", "save_policy", "cpus_per_worker", "prefix_sharing",
-               "response_logits", "gradient_checkpointing"}
+               "response_logits", "gradient_checkpointing", "placement_strategy"}
 RUN_AND_MODEL_RESUME_SAFE = {"name", "logits_chunk_size"}  # run.name, model.logits_chunk_size
 
 
@@ -199,7 +213,8 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
         # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
         train_loop_config={"config": cfg.model_dump(mode="json"), "train_pairs": train_pairs,
                            "eval_pairs": eval_pairs},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name="ray",
             storage_path=train_dir if storage.is_uri(train_dir) else os.path.abspath(train_dir),

@@ -323,6 +323,19 @@ def test_more_training_cpus_than_the_job_has_are_refused_before_any_worker(base,
     assert not os.path.exists(scored / "train" / "config.yaml"), "refused before training wrote anything"
 
 
+def test_strict_spread_over_more_workers_than_nodes_is_refused_before_any_worker(base, tmp_path):
+    """The suite's Ray is one node: STRICT_SPREAD's one worker per node cannot place 2 and would wait forever."""
+    overrides, scored = base
+    cfg = load_config(None, overrides + TRAIN + [f"run.output_dir={scored}", "train.num_workers=2",
+                                                 "train.batch_size=4", "train.placement_strategy=STRICT_SPREAD"])
+    with pytest.raises(UserError) as info:
+        train(cfg, *find_datasets(cfg))
+    assert str(info.value) == (
+        "train.placement_strategy=STRICT_SPREAD puts each of the train.num_workers=2 workers on a node of its own, "
+        "but the cluster has 1, so it would wait forever; lower train.num_workers, use SPREAD or PACK, or add nodes")
+    assert not os.path.exists(scored / "train" / "config.yaml"), "refused before training wrote anything"
+
+
 def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, tmp_path, ray_session):
     """Scoring and training agree: policy == reference gives margins 0 and loss ln 2 on real pairs."""
     cfg = load_config(None, [f"model.policy={tiny_model}", f"data.train_files=[{hh_pairs}]", "data.max_length=256",

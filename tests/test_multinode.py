@@ -1,0 +1,134 @@
+"""Promise: the pipeline job runs across Ray nodes. Scoring actors and training workers spread over two
+nodes, outputs go to a path both share, a training worker killed on one node is replaced, and the result
+equals the same job on one node.
+
+The two nodes are this machine: `ray start --head --block` and `ray start --address=... --block` on
+127.0.0.1, each with 2 CPUs, free ports and its own raylet and object store, run as child processes and
+ended by the module's finalizer (never `ray stop`, which would stop every Ray on the machine). Where each
+actor ran comes from Ray's own state API (`ray.util.state.list_actors`), not from our logs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_cluster import BIN, ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+# Two actors, two workers, 12 steps of the quickstart (8 pairs a worker), a checkpoint every 4.
+JOB = ["--config", "configs/quickstart.yaml", "--build-model", "quickstart", "reference.num_actors=2",
+       "train.num_workers=2", "train.max_steps=12", "train.log_every=1", "train.checkpoint_every=4",
+       "train.max_failures=1"]
+
+
+def _node(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    head = _node([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                  f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
+                  f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                  "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}"], env, home / "head.log")
+    nodes = [head]
+    try:
+        wait_for(dash, head)
+        nodes.append(_node([str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}",
+                            "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--node-manager-port={free_port()}",
+                            f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                            f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                            f"--runtime-env-agent-port={free_port()}"], env, home / "worker.log"))
+        address = f"http://127.0.0.1:{dash}"
+        from ray.util.state import list_nodes
+
+        deadline = time.time() + 120
+        while len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) < 2:
+            if time.time() > deadline or nodes[1].poll() is not None:
+                raise RuntimeError("the second Ray node did not join: " + (home / "worker.log").read_text()[-2000:])
+            time.sleep(1)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        for proc in reversed(nodes):
+            _end(proc)
+
+
+def _job(env: dict, out: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "jobs.pipeline", *JOB, f"model.policy={model}", f"run.output_dir={out}", *extra]
+    return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    """The job on a Ray of its own (one node, this machine's 2 CPUs: the actors take half a CPU each), run
+    before the two nodes start, so that its ray.init() cannot find their cluster and join it."""
+    out = tmp_path_factory.mktemp("one-node")
+    proc = _job({k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, out / "run", out / "model",
+                "reference.cpus_per_actor=0.5")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out
+
+
+def _scores(out: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "reference", columns=["pair_id", "ref_chosen_logp", "ref_rejected_logp"])
+    return sorted(table.to_pylist(), key=lambda r: r["pair_id"])
+
+
+def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_one_node(one_node, two_nodes,
+                                                                                        tmp_path):
+    """Two nodes: 2 scoring actors (1 CPU each) and 2 training workers (train.placement_strategy=STRICT_SPREAD);
+    the rank-1 worker exits at step 9 (debug.fail_at_step) and Ray Train restarts the group from the step-8
+    checkpoint. The same job on one node, without the failure, is the yardstick: the reference scores equal
+    exactly (the same model and pairs, eager attention, whichever actor scored them), and every step's
+    metrics within 1e-5."""
+    from ray.util.state import list_actors
+
+    out = tmp_path / "run"
+    proc = _job({**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}, out, one_node / "model",
+                "train.placement_strategy=STRICT_SPREAD", "debug.fail_at_step=9")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (out / "train" / ".failed_at_step_9").exists()
+
+    actors = [(a.class_name or "", a.repr_name or "", a.node_id)
+              for a in list_actors(address=two_nodes["address"], detail=True, limit=1000)]
+    scorer_nodes = {node for name, shown, node in actors if "ReferenceScorer" in name + shown}
+    worker_nodes = {node for name, _, node in actors if "RayTrainWorker" in name}
+    assert len(scorer_nodes) == 2 and len(worker_nodes) == 2, actors
+
+    assert _scores(out) == _scores(one_node / "run")
+    got, want = _metrics(out), _metrics(one_node / "run")
+    assert [m["step"] for m in got] == [m["step"] for m in want] and len(got) >= 10
+    for a, b in zip(got, want):
+        for key, value in b.items():
+            if key != "tokens_per_second" and isinstance(value, float):
+                assert abs(a[key] - value) <= 1e-5 * max(1.0, abs(value)), (a["step"], key, a[key], value)
