@@ -58,14 +58,33 @@ def transformers_token_logps(model, prompt: list[int], response: list[int]) -> l
 
 
 @pytest.fixture(scope="module")
-def engine(quickstart_model):
-    """One vLLM engine in this process, as a scoring actor builds it, for sequences of up to 255 tokens.
+def exported_model(quickstart_model, tmp_path_factory) -> str:
+    """The quickstart model as training exports policy/ (dpo.export), in files of at most 1 MiB with an index,
+    so that the engine below, whose scores must be transformers' on the original, also proves vLLM loads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo.export import INDEX, write_safetensors
+
+    out = tmp_path_factory.mktemp("exported")
+    model = AutoModelForCausalLM.from_pretrained(quickstart_model)
+    assert len(write_safetensors(model.state_dict(), str(out), rank=0, file_bytes=2**20)) > 2
+    assert (out / INDEX).exists()
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(quickstart_model).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def engine(exported_model):
+    """One vLLM engine in this process, as a scoring actor builds it, for sequences of up to 255 tokens, on
+    the quickstart model as dpo.export writes it.
 
     255 is the most the quickstart model's 256 positions allow (vLLM keeps one for the token it generates).
     """
     from pipeline.scoring import VLLMScorer, vllm_scorer_args
 
-    cfg = load_config(None, [f"model.policy={quickstart_model}", "data.max_length=255", "data.max_prompt_length=128",
+    cfg = load_config(None, [f"model.policy={exported_model}", "data.max_length=255", "data.max_prompt_length=128",
                              "reference.batch_tokens=4096"])
     scorer = VLLMScorer(*vllm_scorer_args(cfg, BUILD))
     yield cfg, scorer
