@@ -46,9 +46,11 @@ def _end(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
+    # Without a token: the suite's own ray.init() turns token auth on in this process's environment.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     gcs, dash = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
     head = _node([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -97,6 +99,18 @@ def one_node(tmp_path_factory):
     return out
 
 
+def _placed_actors(cluster: dict) -> list[list]:
+    """[class name, repr name, node id] of every actor the cluster placed, from Ray's state API. Asked from a
+    process of the cluster's environment: this one's carries the suite's Ray token. An actor Ray Data asked
+    for and never needed has no node (None) and is left out."""
+    ask = ("import json, sys; from ray.util.state import list_actors; print(json.dumps([[a.class_name or '', "
+           "a.repr_name or '', a.node_id] for a in list_actors(address=sys.argv[1], detail=True, limit=1000)]))")
+    proc = subprocess.run([sys.executable, "-c", ask, cluster["address"]], env=cluster["env"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [actor for actor in json.loads(proc.stdout.strip().splitlines()[-1]) if actor[2]]
+
+
 def _scores(out: Path) -> list[tuple]:
     from dpo import schema, storage
     from dpo.fingerprint import read_manifest
@@ -113,17 +127,13 @@ def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_o
     checkpoint. The same job on one node, without the failure, is the yardstick: the reference scores equal
     exactly (the same model and pairs, eager attention, whichever actor scored them), and every step's
     metrics within 1e-5."""
-    from ray.util.state import list_actors
-
     out = tmp_path / "run"
     proc = _job({**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}, out, one_node / "model",
                 "train.placement_strategy=STRICT_SPREAD", "debug.fail_at_step=9")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (out / "train" / ".failed_at_step_9").exists()
 
-    # An actor Ray Data asked for and never needed has no node (node_id None): only placed actors count.
-    actors = [(a.class_name or "", a.repr_name or "", a.node_id)
-              for a in list_actors(address=two_nodes["address"], detail=True, limit=1000) if a.node_id]
+    actors = _placed_actors(two_nodes)
     scorer_nodes = {node for name, shown, node in actors if "ReferenceScorer" in name + shown}
     worker_nodes = {node for name, _, node in actors if "RayTrainWorker" in name}
     assert len(scorer_nodes) == 2 and len(worker_nodes) == 2, actors
