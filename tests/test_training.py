@@ -282,8 +282,11 @@ def assert_stored_once(train_dir, tiny_model, num_checkpoints):
     assert len(list((train_dir / "checkpoints").iterdir())) == num_checkpoints
     ray_files = [p for p in (train_dir / "ray").rglob("*") if p.is_file()]
     assert ray_files and sum(p.stat().st_size for p in ray_files) < 64 * 1024, ray_files
-    assert sorted(p.name for p in (train_dir / "ray").glob("checkpoint-*")) == [
-        "checkpoint-00000006", "checkpoint-00000008"]
+    # Ray prunes its pointers itself; after a worker failure it has been seen to keep step 3's too (a few
+    # bytes). Ours are what a resume reads, and are pruned to train.keep_checkpoints above.
+    pointers = {p.name for p in (train_dir / "ray").glob("checkpoint-*")}
+    assert {"checkpoint-00000006", "checkpoint-00000008"} <= pointers <= {
+        "checkpoint-00000003", "checkpoint-00000006", "checkpoint-00000008"}, pointers
 
 
 def test_checkpoints_are_complete_and_pruned(two_workers, tiny_model):
