@@ -152,6 +152,14 @@ def score_speed(args, model_dir) -> dict:
             "max_abs_diff_nats": worst, "pairs": len(pairs)}
 
 
+def side_alone(script: str, side: str, model: str) -> dict:
+    """`script --child side` in a fresh process, on the same arguments: what that side alone measured (its
+    last output line, JSON), so that no other side's allocations sit in its peak."""
+    cmd = [sys.executable, script, "--child", side, "--model", model] + sys.argv[1:]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="small,medium")
@@ -184,9 +192,7 @@ def main() -> None:
             model = build_local_model(os.path.join(tmp, preset), hh_texts(HH, limit=2000), preset=preset, seed=0)
             speed = train_speed(args, model)
             for name in speed:
-                cmd = [sys.executable, __file__, "--child", name, "--model", model] + sys.argv[1:]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                speed[name].update(json.loads(out.strip().splitlines()[-1]))
+                speed[name].update(side_alone(__file__, name, model))
             scoring = score_speed(args, model)
             today = speed["today"]
             print(f"\n## {preset}\n{'training':22}{'tokens/s':>10}{'x today':>9}{'step MiB':>10}{'x today':>9}")

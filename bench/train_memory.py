@@ -27,12 +27,11 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 
-from forward_paths import batches, reset_peak
+from forward_paths import batches, reset_peak, side_alone
 from hh import HH, hh_texts
 from train_throughput import status_mib
 
@@ -133,9 +132,7 @@ def main() -> None:
             model = build_local_model(os.path.join(tmp, preset), hh_texts(HH, limit=2000), preset=preset, seed=0)
             results = speed(args, model)
             for name in results:
-                cmd = [sys.executable, __file__, "--child", name, "--model", model] + sys.argv[1:]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                results[name].update(json.loads(out.strip().splitlines()[-1]))
+                results[name].update(side_alone(__file__, name, model))
             full = results.get("full")
             print(f"\n## {preset}\n{'side':20}{'trained params':>16}{'step s':>9}{'x full':>8}{'step MiB':>10}"
                   f"{'x full':>8}{'training MiB':>14}{'x full':>8}")

@@ -69,15 +69,20 @@ def cluster(tmp_path_factory):
         wait_for(dash, proc)
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "home": home}
     finally:
-        # --block ends the processes it started when it is stopped; the group kill covers stragglers.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if proc.poll() is None:
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    continue
+        end_node(proc)
         log.close()
+
+
+def end_node(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --block` child: --block ends the processes it started when it is stopped; the group
+    kill covers stragglers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                continue
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ actor ran comes from Ray's own state API (`ray.util.state.list_actors`), not fro
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cluster import BIN, ROOT, free_port, wait_for
+from test_cluster import BIN, ROOT, end_node, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +30,6 @@ JOB = ["--config", "configs/quickstart.yaml", "--build-model", "quickstart", "re
 def _node(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _end(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                continue
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +65,7 @@ def two_nodes(tmp_path_factory):
         yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env}
     finally:
         for proc in reversed(nodes):
-            _end(proc)
+            end_node(proc)
 
 
 def _job(env: dict, out: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
