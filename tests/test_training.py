@@ -97,6 +97,18 @@ def weights(policy_dir):
     return load_file(os.path.join(policy_dir, "model.safetensors"))
 
 
+def assert_same_run(metrics, result, uninterrupted, tol: float) -> None:
+    """Each of the 8 steps once, and every step's metrics and the exported weights those of `uninterrupted`
+    (a run fixture: cfg, result, metrics) within `tol`."""
+    _, full, expected = uninterrupted
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    for got, want in zip(metrics, expected):
+        close(got, want, tol)
+    w, v = weights(result["policy"]), weights(full["policy"])
+    assert set(w) == set(v)
+    assert all(torch.allclose(w[k], v[k], atol=tol, rtol=0) for k in w)
+
+
 def test_metrics_lines_have_the_contract_fields(two_workers):
     _, _, metrics = two_workers
     assert [m["step"] for m in metrics] == list(range(1, 9))
@@ -136,12 +148,7 @@ def test_stop_and_resume_matches_uninterrupted(base, tmp_path, two_workers):
     out = tmp_path / "resumed"
     run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=4", TRACKERS)
     _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", TRACKERS)
-    _, full, expected = two_workers
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    for got, want in zip(metrics, expected):
-        close(got, want, 1e-6)
-    w, v = weights(result["policy"]), weights(full["policy"])
-    assert all(torch.allclose(w[k], v[k], atol=1e-6, rtol=0) for k in w)
+    assert_same_run(metrics, result, two_workers, 1e-6)
 
     train_dir = out / "train"
     wandb_runs = wandb_records(train_dir)
@@ -424,13 +431,7 @@ def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers, tiny_mo
     cfg, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "train.strategy=fsdp",
                                "debug.fail_at_step=5", "train.max_failures=1")
     assert (out / "train" / ".failed_at_step_5").exists()
-    _, full, expected = two_workers
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    for got, want in zip(metrics, expected):
-        close(got, want, 1e-5)
-    w, v = weights(result["policy"]), weights(full["policy"])
-    assert set(w) == set(v)
-    assert all(torch.allclose(w[k], v[k], atol=1e-5, rtol=0) for k in w)
+    assert_same_run(metrics, result, two_workers, 1e-5)
     assert_policy_gives_the_trained_logps(cfg, result, metrics)
 
     # Each rank's file holds its half of every tensor (the tiny model's dimensions are even): within 10%.
@@ -543,12 +544,7 @@ def test_lora_stop_resume_and_failure_match_uninterrupted(base, tmp_path, lora):
     _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", *LORA,
                              "debug.fail_at_step=6", "train.max_failures=1")
     assert (out / "train" / ".failed_at_step_6").exists()
-    _, full, expected = lora
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    for got, want in zip(metrics, expected):
-        close(got, want, 1e-6)
-    w, v = weights(result["policy"]), weights(full["policy"])
-    assert all(torch.allclose(w[k], v[k], atol=1e-6, rtol=0) for k in w)
+    assert_same_run(metrics, result, lora, 1e-6)
 
 
 def test_lora_fsdp_with_checkpointing_matches_ddp(base, tmp_path, lora):
@@ -558,9 +554,4 @@ def test_lora_fsdp_with_checkpointing_matches_ddp(base, tmp_path, lora):
     again after loading, and the recompute replays the forward's RNG state."""
     _, result, metrics = run(base, tmp_path / "lora-fsdp", "train.num_workers=2", "train.batch_size=4", *LORA,
                              "train.strategy=fsdp", "train.gradient_checkpointing=true")
-    _, full, expected = lora
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    for got, want in zip(metrics, expected):
-        close(got, want, 1e-5)
-    w, v = weights(result["policy"]), weights(full["policy"])
-    assert all(torch.allclose(w[k], v[k], atol=1e-5, rtol=0) for k in w)
+    assert_same_run(metrics, result, lora, 1e-5)
