@@ -166,20 +166,11 @@ def newest(root: str) -> Optional[str]:
 # --------------------------------------------------------------------------- metrics log
 
 
-class MetricsLog:
-    """metrics.jsonl, one object per logged step; written by rank 0 only."""
+class JsonLines:
+    """A file of one JSON object a line, appended to by rank 0 only."""
 
     def __init__(self, path: str):
         self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps past `step`: a resumed run logs them again."""
-        if not storage.exists(self.path):
-            return
-        lines = storage.read_text(self.path).splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-        if len(kept) != len(lines):
-            storage.write_text(self.path, "".join(ln + "\n" for ln in kept))
 
     def append(self, record: dict) -> None:
         line = json.dumps(record) + "\n"
@@ -193,7 +184,21 @@ class MetricsLog:
             fh.flush()
 
 
+class MetricsLog(JsonLines):
+    """metrics.jsonl, one object per logged step."""
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps past `step`: a resumed run logs them again."""
+        if not storage.exists(self.path):
+            return
+        lines = storage.read_text(self.path).splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        if len(kept) != len(lines):
+            storage.write_text(self.path, "".join(ln + "\n" for ln in kept))
+
+
 def read_metrics(path: str) -> list[dict]:
+    """The records of a JsonLines file (metrics.jsonl, attempts.jsonl); none if it does not exist."""
     if not storage.exists(path):
         return []
     return [json.loads(ln) for ln in storage.read_text(path).splitlines() if ln.strip()]

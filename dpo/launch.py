@@ -5,6 +5,8 @@ this module turns config + datasets into a run and returns what it produced:
 
     {output_dir}/train/config.yaml      the resolved config
     {output_dir}/train/metrics.jsonl    one line per logged step
+    {output_dir}/train/attempts.jsonl   one line per attempt (a job, or a restart after a worker failure):
+                                        the step it resumed after and its number of workers
     {output_dir}/train/checkpoints/     step-N/ folders, COMPLETE-marked, each rank's shards (see dpo.checkpoint)
     {output_dir}/train/ray/             Ray Train's run folder: its checkpoints point to those, by step
     {output_dir}/train/policy/          the trained model + tokenizer, Hugging Face format (LoRA: merged)
@@ -191,7 +193,7 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dpo.train_loop import ERROR_FILE, train_loop_per_worker
+    from dpo.train_loop import ATTEMPTS_FILE, ERROR_FILE, train_loop_per_worker
 
     validate(cfg, train_data)
     cfg = _with_absolute_paths(cfg)
@@ -199,7 +201,9 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
     train_dir = storage.join(cfg.run.output_dir, "train")
     _check_resumable(cfg, train_dir)
     if not complete_steps(storage.join(train_dir, "checkpoints")):
-        storage.delete_file(storage.join(train_dir, RUNS_FILE))  # a run that starts over gets new tracker runs
+        # A run that starts over gets new tracker runs, and its own record of attempts.
+        for name in (RUNS_FILE, ATTEMPTS_FILE):
+            storage.delete_file(storage.join(train_dir, name))
     cfg.save(storage.join(train_dir, "config.yaml"))
 
     # Held here until fit() returns: a restarted worker gets the data from these again.

@@ -11,6 +11,7 @@ the length against the model's config before they start, and name the fix.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -62,11 +63,26 @@ def read_model_config(path: str, key: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     check_model_folder(path, key)
+    if not trust_remote_code:
+        _refuse_remote_code(path, key)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{key}: cannot read the model config in {path}: {str(exc).splitlines()[0]}; "
                         "it must hold a Hugging Face config.json") from None
+
+
+def _refuse_remote_code(path: str, key: str) -> None:
+    """A config.json whose auto_map names its own AutoConfig class: transformers would need to run the
+    folder's code, which it does only with trust_remote_code (model.trust_remote_code)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            own = (json.load(fh).get("auto_map") or {}).get("AutoConfig")
+    except (OSError, ValueError, AttributeError):
+        return  # AutoConfig says what is wrong with the file
+    if own:
+        raise UserError(f"{key}: {path}'s config.json needs its own Python code ({own}); set "
+                        "model.trust_remote_code=true if you trust that code")
 
 
 def max_positions(hf_config) -> Optional[int]:

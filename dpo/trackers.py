@@ -9,7 +9,14 @@ what this module does. Where they write, unless the trackers' own environment va
     {output_dir}/train/wandb/              W&B's run folders (WANDB_DIR moves them; WANDB_MODE=offline
                                            keeps the run there instead of uploading it)
     {output_dir}/train/mlflow.db           MLflow's SQLite store (MLFLOW_TRACKING_URI: a tracking server)
-    {output_dir}/train/tracker_runs.json   the W&B and MLflow run ids, so that a resumed run continues them
+    {output_dir}/train/tracker_runs.json   the W&B and MLflow run ids, so that a resumed run continues them,
+                                           and the last step they were sent
+
+A run that restarts from a checkpoint logs again the steps it took after that checkpoint. TensorBoard drops
+the earlier attempt's events for them (purge_step); W&B and MLflow cannot take a step back (W&B ignores a step
+below its last, MLflow appends a second point), so they are not sent a step again: each step reaches each
+tracker once. Those steps are recomputed from the same checkpoint, seeds and batches, so the values they
+already hold are the ones a rerun gives.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dpo.errors import UserError
 # (TensorBoard's writer, tensorboardX, is a core requirement.)
 EXTRA_MODULES = {"wandb": ["wandb"], "mlflow": ["mlflow", "sqlalchemy", "alembic"]}
 RUNS_FILE = "tracker_runs.json"
+SENT_THROUGH = "sent_through_step"  # RUNS_FILE's record of the last step W&B and MLflow were sent
 DEFAULT_PROJECT = "raydpo"
 
 
@@ -55,15 +63,22 @@ def mlflow_tracking_uri(train_dir: str) -> Optional[str]:
 class Trackers:
     """The trackers rank 0 writes to; on the other ranks, and without train.report_to, none."""
 
-    def __init__(self, writers: list) -> None:
+    def __init__(self, writers: list, runs: Optional[dict] = None, runs_path: Optional[str] = None) -> None:
         self._writers = writers
+        self._runs = runs if runs is not None else {}
+        self._runs_path = runs_path
 
     def log(self, metrics: dict, step: int) -> None:
         """One metrics.jsonl record. Its None values stand for non-finite ones: left out, as in a plot gap."""
         scalars = {key: float(value) for key, value in metrics.items()
                    if key != "step" and isinstance(value, (int, float))}
+        sent = self._runs.get(SENT_THROUGH, 0)
         for writer in self._writers:
-            writer.log(scalars, step)
+            if step > sent or writer.replaces_resent_steps:
+                writer.log(scalars, step)
+        if self._writers and step > sent:
+            self._runs[SENT_THROUGH] = step
+            storage.write_text(self._runs_path, json.dumps(self._runs))
 
     def close(self) -> None:
         for writer in self._writers:
@@ -91,7 +106,7 @@ def open_trackers(cfg: Config, train_dir: str, rank: int, start: int) -> Tracker
             writers.append(kind(cfg, train_dir, runs.get(name)))
             runs[name] = writers[-1].run_id
     storage.write_text(runs_path, json.dumps(runs))
-    return Trackers(writers)
+    return Trackers(writers, runs, runs_path)
 
 
 def _project(cfg: Config, env_var: str) -> str:
@@ -99,6 +114,8 @@ def _project(cfg: Config, env_var: str) -> str:
 
 
 class _TensorBoard:
+    replaces_resent_steps = True  # purge_step drops the earlier attempt's events
+
     def __init__(self, cfg: Config, train_dir: str, start: int) -> None:
         from tensorboardX import SummaryWriter
 
@@ -118,6 +135,8 @@ class _TensorBoard:
 
 
 class _WandB:
+    replaces_resent_steps = False
+
     def __init__(self, cfg: Config, train_dir: str, run_id: Optional[str]) -> None:
         import wandb
 
@@ -137,6 +156,8 @@ class _WandB:
 
 
 class _MLflow:
+    replaces_resent_steps = False
+
     def __init__(self, cfg: Config, train_dir: str, run_id: Optional[str]) -> None:
         import mlflow
 

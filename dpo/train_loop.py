@@ -49,6 +49,7 @@ AVERAGED = STATS[1:8]
 # model.lora the adapters alone (dpo.lora): the frozen base is model.policy's, read again by a restore.
 TRAINED_STATE = StateDictOptions(ignore_frozen_params=True)
 ERROR_FILE = "error.txt"
+ATTEMPTS_FILE = "attempts.jsonl"
 # PolicyLogps holds the transformers model as `lm`: its keys in checkpoints, not in the exported policy/.
 LM_PREFIX = "lm."
 
@@ -166,6 +167,9 @@ def setup(config: dict) -> Worker:
     w.layout = choose_layout(t, model, policy.lm, train_pairs, pad_id, device, autocast)
     w.trackers = open_trackers(cfg, w.train_dir, rank, w.step)
     if rank == 0:
+        # The run's own record of where each attempt (a job, or Ray Train's restart of its workers) began.
+        ckpt.JsonLines(storage.join(w.train_dir, ATTEMPTS_FILE)).append(
+            {"resumed_after_step": w.step, "workers": world, "started": round(time.time(), 3)})
         w.metrics_log = ckpt.MetricsLog(storage.join(w.train_dir, "metrics.jsonl"))
         w.metrics_log.truncate_after(w.step)
         log.info("training %d pairs, %d steps of %d pairs (%d per worker x %d workers x %d accumulation), "

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_model
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -86,9 +88,9 @@ def end_node(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """One quickstart model for the module's jobs: the first `--build-model quickstart` builds it, the rest keep it."""
-    return tmp_path_factory.mktemp("quickstart") / "model"
+def model_dir(tmp_path_factory, quickstart_model):
+    """The session's quickstart model, copied: each job's `--build-model quickstart` finds it built and keeps it."""
+    return copy_model(quickstart_model, tmp_path_factory.mktemp("quickstart") / "model")
 
 
 def readme_submit(cluster, entrypoint_cpus: str = "1") -> list[str]:

@@ -1,6 +1,11 @@
 """Promise: a precompute whose driver is killed outright (SIGKILL, no chance to clean up) and then rerun
 gives exactly one row per kept pair, with the same scores as a clean run, and the rerun scores only
-the shards the killed run had not finished. With either backend: vLLM's engine processes die with the job."""
+the shards the killed run had not finished.
+
+With the hf backend only: what this proves (shard markers, the manifest written last, the resume that
+skips committed shards: pipeline.stage and pipeline.manifest) does not depend on the backend, and each
+run of it with vLLM's engine cost two engine starts (188 s on 2 cores). vLLM's engine dies and is
+replaced mid-run in tests/test_vllm.py::test_two_actors_one_killed_mid_run_score_every_pair_once_as_hf_does."""
 
 import json
 import os
@@ -18,7 +23,6 @@ from dpo.config import load_config
 from dpo.storage import read_parquet_files
 from pipeline import manifest as mf
 from pipeline.precompute import precompute
-from pipeline.vllm_build import installed_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 # 1000 pairs in 100 shards: the stream takes seconds, so the kill lands mid-run even when a loaded
@@ -48,15 +52,9 @@ def run_job(config: Path, log: Path) -> subprocess.Popen:
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-VLLM_CPU = pytest.mark.skipif(installed_vllm() is None or not installed_vllm().cpu, reason="needs vLLM's CPU build")
-# hf scores a sequence the same to the bit in any batch (eager attention); vLLM agrees with it to 1e-4 nats.
-TOLERANCE = {"hf": 1e-6, "vllm": 1e-4}
-
-
-@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, VLLM_CPU])])
-def test_driver_killed_mid_run_then_rerun(tmp_path, tiny_model, ray_session, backend):
+def test_driver_killed_mid_run_then_rerun(tmp_path, tiny_model, ray_session):
     out = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", out, tiny_model, backend)
+    config = write_config(tmp_path / "c.yaml", out, tiny_model, "hf")
     markers = out / "reference" / mf.SHARDS
 
     job = run_job(config, tmp_path / "first.log")
@@ -81,9 +79,9 @@ def test_driver_killed_mid_run_then_rerun(tmp_path, tiny_model, ray_session, bac
     ids = [r["pair_id"] for r in rows]
     assert len(ids) == len(set(ids)) == manifest["counts"]["kept"] == 1000
 
-    clean_cfg = load_config(str(config), [f"run.output_dir={tmp_path / 'clean'}", "reference.backend=hf"])
+    # hf scores a sequence the same to the bit in any batch (eager attention).
+    clean_cfg = load_config(str(config), [f"run.output_dir={tmp_path / 'clean'}"])
     precompute(clean_cfg)
     clean = {r["pair_id"]: (r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in reference_rows(tmp_path / "clean")}
-    assert max(abs(a - b) for r in rows for a, b in
-               zip((r["ref_chosen_logp"], r["ref_rejected_logp"]), clean[r["pair_id"]])) <= TOLERANCE[backend]
+    assert all((r["ref_chosen_logp"], r["ref_rejected_logp"]) == clean[r["pair_id"]] for r in rows)
     assert json.loads((out / "reference" / "_progress.json").read_text())["fingerprint"] == manifest["fingerprint"]

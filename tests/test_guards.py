@@ -1,8 +1,10 @@
 """Guards that turn silent corruption into a clear refusal: non-finite reference scores at write and at
 train time, and safe loading (safe YAML, no remote code unless asked, safetensors only)."""
 
+import json
 import math
 import os
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -37,8 +39,36 @@ def test_nonfinite_reference_scores_are_refused_at_train_time():
     refuse_nonfinite_scores("ref/", table.slice(0, 1))  # finite: accepted
 
 
-def test_remote_code_is_off_unless_config_turns_it_on():
+CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "raydpo-custom"
+"""
+
+
+def test_a_model_whose_config_needs_its_own_code_is_refused_unless_trust_remote_code(tiny_model, tmp_path):
+    """A folder whose config.json names its own Python class (auto_map, a model_type transformers does not
+    know): read with model.trust_remote_code off, the default, it is refused in one line naming that key, and
+    its code never runs; with the key on, its class is loaded."""
+    from dpo.model_folders import read_model_config
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="raydpo-custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "ran"
+    (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG + f"open({str(ran)!r}, 'w').close()\n")
     assert Config().model.trust_remote_code is False
+    with pytest.raises(UserError) as info:
+        read_model_config(str(folder), "model.policy", trust_remote_code=False)
+    assert str(info.value) == (f"model.policy: {folder}'s config.json needs its own Python code "
+                               "(configuration_custom.CustomConfig); set model.trust_remote_code=true if you "
+                               "trust that code")
+    assert not ran.exists()
+    assert type(read_model_config(str(folder), "model.policy", trust_remote_code=True)).__name__ == "CustomConfig"
+    assert ran.exists()
 
 
 @pytest.mark.parametrize("max_length, refused", [(256, False), (300, True)])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_model
 from test_cluster import BIN, ROOT, end_node, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -78,10 +79,11 @@ def _metrics(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_node(tmp_path_factory):
+def one_node(tmp_path_factory, quickstart_model):
     """The job on a Ray of its own (one node, this machine's 2 CPUs: the actors take half a CPU each), run
     before the two nodes start, so that its ray.init() cannot find their cluster and join it."""
     out = tmp_path_factory.mktemp("one-node")
+    copy_model(quickstart_model, out / "model")  # --build-model quickstart finds it built
     proc = _job({k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, out / "run", out / "model",
                 "reference.cpus_per_actor=0.5")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

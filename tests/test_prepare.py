@@ -19,10 +19,10 @@ from dpo.fingerprint import read_manifest
 from dpo.storage import read_parquet_files
 from dpo.launch import DatasetFolder, read_pairs
 from pipeline.prepare import prepare
+from conftest import HH_TEST as HH, require_hh
 from wordlevel import save_wordlevel
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 EXPLICIT = {"prompt": "what is 2 + 2 ?", "chosen": "4", "rejected": "5"}
 EXPLICIT_IDS = ([9, 10, 11, 12, 11, 15], [13, 1], [14, 1])
 
@@ -182,10 +182,10 @@ def test_unusable_inputs_are_one_clear_error(tmp_path, tok_dir, problem):
         prepare(config(tmp_path, [f], tok_dir))
 
 
-@pytest.mark.skipif(not HH.exists(), reason="../shared/data/hh-rlhf is not present")
 def test_real_hh_pairs(tmp_path):
     """2,312 real HH-RLHF pairs: 5 whose transcripts differ before the last reply and 4 with an empty
     reply are rejected; every kept, untruncated pair decodes back to its chosen transcript plus EOS."""
+    require_hh()
     from pipeline.models import train_tokenizer
 
     rows = [json.loads(x) for x in gzip.open(HH, "rt", encoding="utf-8")]

@@ -27,8 +27,29 @@ def test_axes_are_labelled_and_both_series_drawn():
         assert list(ax.get_lines()[1].get_xdata()) == [2, 4]
 
 
-def test_png_is_written(tmp_path):
+def test_the_png_shows_every_record_of_metrics_jsonl(tmp_path, monkeypatch):
+    """What plot_report saves is the figure of metrics.jsonl: per panel, the train series at steps 1-4 and the
+    held-out series at steps 2 and 4, with the file's values, and an image of the figure's size (15 x 4
+    inches at 110 dpi: 1650 x 440 pixels)."""
+    import matplotlib.image
+    from matplotlib.figure import Figure
+
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows()))
-    out = plot_report(str(metrics), str(tmp_path / "report.png"))
-    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    saved = {}
+    savefig = Figure.savefig
+
+    def keep(fig, path, **kwargs):
+        saved[str(path)] = fig
+        return savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    out = plot_report(str(metrics), str(tmp_path / "report.png"), title="run")
+    fig = saved[out]
+    for ax, (key, _, _) in zip(fig.axes, PANELS):
+        train, held_out = ax.get_lines()
+        assert list(train.get_xdata()) == [1, 2, 3, 4]
+        assert list(train.get_ydata()) == [r[key] for r in rows()]
+        assert list(held_out.get_xdata()) == [2, 4]
+        assert list(held_out.get_ydata()) == [r["eval/" + key] for r in rows() if "eval/" + key in r]
+    assert matplotlib.image.imread(out).shape[:2] == (440, 1650)

@@ -34,10 +34,13 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
 TIMING = {"tokens_per_second"}
-# 48 pairs, 8 per step (4 per worker x 2, or 8 x 1): 6 steps an epoch, 8 steps cross into epoch 1.
-TRAIN = ["train.loss_type=sigmoid", "train.beta=0.1", "train.learning_rate=2e-3", "train.lr_scheduler=constant",
-         "train.max_steps=8", "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
-         "train.eval_every=4", "train.max_failures=0", "train.cpus_per_worker=1"]
+# 48 pairs, 8 per step (4 per worker x 2, or 8 x 1): 6 steps an epoch, 8 steps cross into epoch 1. The learning
+# rate warms up over 2 steps and decays linearly to 0 at step 8 (lr_schedule: 1e-3, 2e-3, 2e-3, 1.67e-3, ...),
+# so each run that resumes or restarts and must equal the uninterrupted one also proves the LR curve it resumed.
+TRAIN = ["train.loss_type=sigmoid", "train.beta=0.1", "train.learning_rate=2e-3", "train.lr_scheduler=linear",
+         "train.warmup_steps=2", "train.max_steps=8", "train.epochs=2", "train.checkpoint_every=3",
+         "train.log_every=1", "train.eval_every=4", "train.max_failures=0", "train.cpus_per_worker=1"]
+TWO = ["train.num_workers=2", "train.batch_size=4"]
 # The trackers run on two_workers and on the stop-and-resume runs: no Ray run of their own.
 TRACKERS = "train.report_to=[tensorboard,wandb,mlflow]"
 
@@ -79,16 +82,20 @@ def two_workers(base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_worker(base, tmp_path_factory):
-    return run(base, tmp_path_factory.mktemp("one"), "train.num_workers=1", "train.batch_size=8")
+    """One worker, with the forward of before (padded rows, logits at every position) where two_workers has
+    the default (the prompt once per pair, logits only where a response token is predicted)."""
+    return run(base, tmp_path_factory.mktemp("one"), "train.num_workers=1", "train.batch_size=8",
+               "train.prefix_sharing=off", "train.response_logits=off")
 
 
 def close(a: dict, b: dict, tol: float) -> None:
+    """Every field but the timing equal, floats within `tol` (0: to the bit)."""
     assert set(a) == set(b)
     for key in set(a) - TIMING:
-        if isinstance(a[key], float):
+        if isinstance(a[key], float) and tol:
             assert math.isclose(a[key], b[key], rel_tol=tol, abs_tol=tol), (key, a[key], b[key])
         else:
-            assert a[key] == b[key], key
+            assert a[key] == b[key], (key, a[key], b[key])
 
 
 def weights(policy_dir):
@@ -99,14 +106,21 @@ def weights(policy_dir):
 
 def assert_same_run(metrics, result, uninterrupted, tol: float) -> None:
     """Each of the 8 steps once, and every step's metrics and the exported weights those of `uninterrupted`
-    (a run fixture: cfg, result, metrics) within `tol`."""
+    (a run fixture: cfg, result, metrics) within `tol` (0: bit for bit)."""
     _, full, expected = uninterrupted
     assert [m["step"] for m in metrics] == list(range(1, 9))
     for got, want in zip(metrics, expected):
         close(got, want, tol)
     w, v = weights(result["policy"]), weights(full["policy"])
     assert set(w) == set(v)
-    assert all(torch.allclose(w[k], v[k], atol=tol, rtol=0) for k in w)
+    assert all(torch.allclose(w[k], v[k], atol=tol, rtol=0) for k in w), \
+        max(float((w[k] - v[k]).abs().max()) for k in w)
+
+
+def attempts(cfg) -> list[tuple[int, int]]:
+    """(step it resumed after, workers) of each attempt, from the run's own record (train/attempts.jsonl)."""
+    return [(a["resumed_after_step"], a["workers"])
+            for a in read_metrics(os.path.join(cfg.run.output_dir, "train", "attempts.jsonl"))]
 
 
 def test_metrics_lines_have_the_contract_fields(two_workers):
@@ -134,43 +148,70 @@ def test_one_and_two_workers_learn(which, request, tiny_model):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_two_workers_match_one_worker_with_double_batch(one_worker, two_workers):
-    """Same global batches, so the same mean gradient: step 1 agrees to float precision."""
-    a, b = one_worker[2][0], two_workers[2][0]
-    close(a, b, 1e-5)
-    assert a["grad_norm"] > 0
+def test_two_workers_match_one_worker_with_double_batch_and_the_forward_of_before(one_worker, two_workers):
+    """The same global batches, so the same mean gradient, whether one worker or two take them, and whichever
+    forward computes the log-probs (one_worker: padded rows, logits at every position; two_workers: the prompt
+    once per pair, logits at response positions only). Step 1 agrees within 1e-5: policy == reference, and
+    its rewards are 0 up to rounding, so which of a pair's is larger (rewards/accuracies) is rounding noise and
+    is left out. Over the 8 AdamW steps (lr up to 2e-3) the float32 roundings of the two paths drift apart, so
+    later steps are held to 1e-3 (a mask that let the rejected reply see the chosen one moves log-probs by
+    nats). The weights are not compared: AdamW turns a near-zero gradient's rounding into an lr-sized step."""
+    a, b = one_worker[2], two_workers[2]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 9))
+    close({k: v for k, v in a[0].items() if k != "rewards/accuracies"},
+          {k: v for k, v in b[0].items() if k != "rewards/accuracies"}, 1e-5)
+    assert a[0]["grad_norm"] > 0
+    for got, want in zip(a[1:], b[1:]):
+        close(got, want, 1e-3)
 
 
-def test_stop_and_resume_matches_uninterrupted(base, tmp_path, two_workers):
-    """Stopped after step 4 (its last checkpoint) and submitted again: the second job trains steps 5-8, and
-    continues the tracker runs the first began: one W&B run id in both of W&B's run folders, one MLflow
-    run, and each of steps 1-8 logged once to every tracker."""
-    out = tmp_path / "resumed"
-    run(base, out, "train.num_workers=2", "train.batch_size=4", "train.max_steps=4", TRACKERS)
-    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", TRACKERS)
-    assert_same_run(metrics, result, two_workers, 1e-6)
+@pytest.fixture(scope="module")
+def interrupted(base, tmp_path_factory):
+    """two_workers' run, interrupted twice between checkpoints (at steps 3 and 6). The first job loses a
+    worker at step 5 with train.max_failures=0, so it fails, as a job whose cluster went away does, after
+    logging step 4. The same job submitted again resumes after step 3, and Ray Train restarts its workers
+    when one dies at step 8, after step 7 was logged: they resume after step 6."""
+    out = tmp_path_factory.mktemp("interrupted")
+    import ray.train
 
-    train_dir = out / "train"
+    with pytest.raises(ray.train.TrainingFailedError):
+        run(base, out, *TWO, TRACKERS, "debug.fail_at_step=5")
+    assert read_metrics(str(out / "train" / "metrics.jsonl"))[-1]["step"] == 4
+    return run(base, out, *TWO, TRACKERS, "debug.fail_at_step=8", "train.max_failures=1")
+
+
+def test_a_run_interrupted_twice_resumes_where_it_stopped_and_equals_uninterrupted(interrupted, two_workers):
+    """Its own record says where each attempt began: after steps 0, 3 and 6 (a retry that restarted at step 0
+    would say so, and would not be caught by the equality alone, the seeds and batches being the same). Each
+    step is in metrics.jsonl once, and every step's metrics (the learning rate among them, warmed up and
+    decaying linearly) and the exported weights are the uninterrupted run's, bit for bit."""
+    cfg, result, metrics = interrupted
+    train_dir = Path(cfg.run.output_dir) / "train"
+    assert (train_dir / ".failed_at_step_5").exists() and (train_dir / ".failed_at_step_8").exists()
+    assert attempts(cfg) == [(0, 2), (3, 2), (6, 2)]
+    assert_same_run(metrics, result, two_workers, 0)
+    assert [m["learning_rate"] for m in metrics[:4]] == pytest.approx([1e-3, 2e-3, 2e-3, 2e-3 * 5 / 6], rel=1e-12)
+
+
+def test_trackers_get_each_step_once_through_failures_between_checkpoints(interrupted):
+    """Steps 4 and 7 were logged, then redone after a restore. Each tracker has each of steps 1-8 once: W&B
+    one run id over its three run folders (one an attempt), MLflow one run whose history holds each step
+    once, TensorBoard each step once as it reads its files (an attempt's purge_step drops what the
+    attempt before it logged after the checkpoint)."""
+    cfg, _, metrics = interrupted
+    train_dir = Path(cfg.run.output_dir) / "train"
     wandb_runs = wandb_records(train_dir)
-    assert len(wandb_runs) == 2
+    assert len(wandb_runs) == 3
     assert len({r["run"]["run_id"] for records in wandb_runs for r in records if r["type"] == "run"}) == 1
     assert sorted(r["history"]["step"]["num"] for records in wandb_runs for r in records
                   if r["type"] == "history") == list(range(1, 9))
     (mlflow_run,) = mlflow_runs(train_dir)
-    assert [m.step for m in mlflow_history(train_dir, mlflow_run, "loss")] == list(range(1, 9))
-    assert sorted(step for (tag, step) in tensorboard_values(train_dir) if tag == "loss") == list(range(1, 9))
-
-
-def test_worker_failure_recovers_exactly(base, tmp_path, two_workers):
-    out = tmp_path / "failing"
-    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "debug.fail_at_step=5",
-                             "train.max_failures=1")
-    assert (out / "train" / ".failed_at_step_5").exists()      # it did die once
-    _, full, expected = two_workers
-    assert [m["step"] for m in metrics] == list(range(1, 9))   # each step exactly once
-    close(metrics[-1], expected[-1], 1e-6)
-    w, v = weights(result["policy"]), weights(full["policy"])
-    assert all(torch.allclose(w[k], v[k], atol=1e-6, rtol=0) for k in w)
+    history = mlflow_history(train_dir, mlflow_run, "loss")
+    assert [m.step for m in history] == list(range(1, 9))
+    assert [m.value for m in history] == [m["loss"] for m in metrics]
+    board = tensorboard_values(train_dir)
+    assert sorted(step for (tag, step) in board if tag == "loss") == list(range(1, 9))
+    assert [board["loss", m["step"]] for m in metrics] == [np.float32(m["loss"]) for m in metrics]
 
 
 def wandb_records(train_dir) -> list[list[dict]]:
@@ -202,6 +243,8 @@ def tensorboard_values(train_dir) -> dict:
     its CRC, data, its CRC) around the Event protos that tensorboardX writes."""
     from tensorboardX.proto.event_pb2 import Event
 
+    from tensorboardX.proto.event_pb2 import SessionLog
+
     values = {}
     for path in sorted((train_dir / "tensorboard").glob("events.out.tfevents.*")):
         data, at = path.read_bytes(), 0
@@ -209,6 +252,9 @@ def tensorboard_values(train_dir) -> dict:
             (length,) = struct.unpack_from("<Q", data, at)
             event = Event.FromString(data[at + 12:at + 12 + length])
             at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                # A writer's purge_step: TensorBoard drops what earlier files hold past this step.
+                values = {key: v for key, v in values.items() if key[1] <= event.step}
             for value in event.summary.value:
                 assert (value.tag, event.step) not in values, (value.tag, event.step)
                 values[value.tag, event.step] = (value.simple_value if value.WhichOneof("value") == "simple_value"
@@ -420,19 +466,51 @@ def test_resuming_under_another_config_is_refused(base, two_workers):
         train(changed, *find_datasets(changed))
 
 
-def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers, tiny_model):
-    """FSDP2 over gloo: rank 0 alone reads the weights, rank 1 starts on the meta device; each rank writes
-    only its own shards of the weights and AdamW state into each checkpoint (torch.distributed.checkpoint);
-    a worker dies at step 5 and each rank reads its own shards of step 3 back. Sharded or replicated, the
-    same global batches give the same updates: every step's metrics and the trained weights agree with ddp,
-    and policy/, gathered one tensor at a time, loads in transformers and scores as training did. A resume
-    under another world size is refused, naming the key."""
-    out = tmp_path / "fsdp"
-    cfg, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", "train.strategy=fsdp",
-                               "debug.fail_at_step=5", "train.max_failures=1")
-    assert (out / "train" / ".failed_at_step_5").exists()
-    assert_same_run(metrics, result, two_workers, 1e-5)
+# FSDP2 over gloo, two micro-steps of 2 pairs per worker: the same global batches of 8 as two_workers.
+FSDP = [*TWO[:1], "train.batch_size=2", "train.grad_accum=2", "train.strategy=fsdp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp(base, tmp_path_factory):
+    return run(base, tmp_path_factory.mktemp("fsdp"), *FSDP)
+
+
+def test_fsdp_with_accumulation_matches_ddp_within_its_rounding(fsdp, two_workers, tiny_model):
+    """Sharded (fsdp: reduce-scatter, and none on the first micro-step, set_requires_gradient_sync) or
+    replicated (ddp: all-reduce), the same global batches give the same updates up to the order of float
+    additions: every step's metrics, the held-out ones among them, within 1e-5.
+
+    The weights are compared through what they compute (eval/logps above; policy/ scoring as training did
+    below), and as a whole: AdamW divides each gradient by its own running RMS, so a coordinate whose
+    gradient is rounding noise moves by up to the learning rate in either direction, whichever reduction
+    order made the noise (measured: one weight 1.1e-5 apart after 8 steps, over a bound of 1e-5 that the
+    arithmetic never promised). Such coordinates are few, so the updates (trained minus initial weights) of
+    the two runs agree in norm to 1e-3 of their size."""
+    cfg, result, metrics = fsdp
+    _, ddp_result, expected = two_workers
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    for got, want in zip(metrics, expected):
+        close(got, want, 1e-5)
+    initial, sharded, replicated = weights(tiny_model), weights(result["policy"]), weights(ddp_result["policy"])
+    assert sharded.keys() == replicated.keys()
+    difference = sum(float((sharded[k] - replicated[k]).pow(2).sum()) for k in sharded) ** 0.5
+    update = sum(float((replicated[k] - initial[k]).pow(2).sum()) for k in sharded) ** 0.5
+    assert update > 0 and difference <= 1e-3 * update, (difference, update)
     assert_policy_gives_the_trained_logps(cfg, result, metrics)
+
+
+def test_fsdp_through_a_failure_equals_fsdp_uninterrupted_bit_for_bit(base, tmp_path, fsdp, tiny_model):
+    """Rank 0 alone reads the weights, rank 1 starts on the meta device; each rank writes only its own shards
+    of the weights and AdamW state into each checkpoint (torch.distributed.checkpoint). A worker dies at step
+    5 and each rank reads its own shards of step 3 back: the run resumed after step 3 (its own record says
+    so), and every step's metrics and the exported weights are the uninterrupted fsdp run's, bit for bit (the
+    same reduction order; against ddp, see the test above). A resume under another world size is refused,
+    naming the key."""
+    out = tmp_path / "fsdp"
+    cfg, result, metrics = run(base, out, *FSDP, "debug.fail_at_step=5", "train.max_failures=1")
+    assert (out / "train" / ".failed_at_step_5").exists()
+    assert attempts(cfg) == [(0, 2), (3, 2)]
+    assert_same_run(metrics, result, fsdp, 0)
 
     # Each rank's file holds its half of every tensor (the tiny model's dimensions are even): within 10%.
     shards = shard_bytes(out / "train" / "checkpoints" / "step-00000008")
@@ -444,42 +522,10 @@ def test_fsdp_matches_ddp_through_a_failure(base, tmp_path, two_workers, tiny_mo
         run(base, out, "train.num_workers=1", "train.batch_size=8", "train.strategy=fsdp")
 
 
-def test_fsdp_accumulation_defers_the_reduction_and_matches_ddp(base, tmp_path, two_workers):
-    """Two micro-steps of 2 pairs per worker instead of one of 4: FSDP skips the reduce-scatter on the
-    first (set_requires_gradient_sync) and the accumulated gradient is still the global batch's mean."""
-    _, _, metrics = run(base, tmp_path / "fsdp-accum", "train.num_workers=2", "train.batch_size=2",
-                        "train.grad_accum=2", "train.strategy=fsdp", "train.max_steps=3", "train.save_policy=false")
-    _, _, expected = two_workers
-    assert [m["step"] for m in metrics] == [1, 2, 3]
-    for got, want in zip(metrics, expected):
-        close({k: v for k, v in got.items() if not k.startswith("eval/")}, want, 1e-5)  # step 3 ends this run
-
-
-def test_twenty_steps_of_the_new_forward_equal_todays(base, tmp_path):
-    """One worker, 20 steps (48 pairs, 8 a step: into the fourth epoch): the default forward on CPU (the prompt
-    once per pair, logits only where a response token is predicted) gives every step's loss and metrics of
-    today's forward (padded rows, logits at every position). Step 1 agrees within 1e-5; over 20 AdamW steps at
-    lr 2e-3 the two float32 roundings drift apart (rewards/chosen by 1.5e-4 relative, measured), so later
-    steps are held to 1e-3: a mask that let the rejected reply see the chosen one moves log-probs by nats. (The
-    weights are not compared: AdamW turns a near-zero gradient's rounding into a whole lr-sized step.)"""
-    common = ["train.num_workers=1", "train.batch_size=8", "train.max_steps=20", "train.epochs=4",
-              "train.eval_every=10", "train.checkpoint_every=20"]
-    _, _, metrics = run(base, tmp_path / "new", *common)
-    _, _, expected = run(base, tmp_path / "today", *common, "train.prefix_sharing=off",
-                             "train.response_logits=off")
-    assert [m["step"] for m in metrics] == list(range(1, 21))
-    # At step 1 policy == reference: every reward is 0 up to float rounding, so which of a pair's rewards is
-    # larger (rewards/accuracies) is rounding noise, and other rounding gives other noise.
-    first = {k: v for k, v in metrics[0].items() if k != "rewards/accuracies"}
-    close(first, {k: v for k, v in expected[0].items() if k != "rewards/accuracies"}, 1e-5)
-    for got, want in zip(metrics[1:], expected[1:]):
-        close(got, want, 1e-3)
-    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.05  # it learned: the comparison is not of constants
-
-
 # LoRA: model.lora's defaults (r 16, alpha 32, dropout 0.05, all seven projections) on the tiny model, at the lr
 # adapters need: at 1e-2 the held-out accuracy after 8 steps was 0.75, at 3e-2 0.875 (measured).
-LORA = ["model.lora.enabled=true", "train.learning_rate=3e-2"]
+# A constant rate, as measured there (the runs above prove the schedule through a resume).
+LORA = ["model.lora.enabled=true", "train.learning_rate=3e-2", "train.lr_scheduler=constant"]
 
 
 @pytest.fixture(scope="module")
@@ -541,10 +587,11 @@ def test_lora_stop_resume_and_failure_match_uninterrupted(base, tmp_path, lora):
     metrics and the exported weights are the uninterrupted run's."""
     out = tmp_path / "lora-resumed"
     run(base, out, "train.num_workers=2", "train.batch_size=4", *LORA, "train.max_steps=4")
-    _, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", *LORA,
-                             "debug.fail_at_step=6", "train.max_failures=1")
+    cfg, result, metrics = run(base, out, "train.num_workers=2", "train.batch_size=4", *LORA,
+                               "debug.fail_at_step=6", "train.max_failures=1")
     assert (out / "train" / ".failed_at_step_6").exists()
-    assert_same_run(metrics, result, lora, 1e-6)
+    assert attempts(cfg) == [(0, 2), (4, 2), (4, 2)]
+    assert_same_run(metrics, result, lora, 0)
 
 
 def test_lora_fsdp_with_checkpointing_matches_ddp(base, tmp_path, lora):

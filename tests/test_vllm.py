@@ -23,6 +23,7 @@ from dpo.storage import read_parquet_files
 from pipeline.scoring import HFScorer
 from pipeline.vllm_build import installed_vllm
 
+from conftest import copy_model
 from pairs import tokenized
 
 BUILD = installed_vllm()
@@ -36,15 +37,6 @@ pytestmark = [
 # The README's quickstart with vLLM scoring, word for word.
 README_LINE = ("python -m jobs.pipeline --config configs/quickstart.yaml --build-model quickstart "
                "reference.backend=vllm run.output_dir=runs/quickstart-vllm")
-
-
-@pytest.fixture(scope="module")
-def quickstart_model(tmp_path_factory) -> str:
-    """What `--build-model quickstart` builds: the quickstart preset, its tokenizer trained on examples/data/train.jsonl."""
-    from pipeline.models import build_local_model, iter_texts
-
-    return build_local_model(tmp_path_factory.mktemp("models") / "quickstart",
-                             iter_texts([str(EXAMPLES / "train.jsonl")]), preset="quickstart", seed=0)
 
 
 def transformers_token_logps(model, prompt: list[int], response: list[int]) -> list[float]:
@@ -149,12 +141,13 @@ def _worst_against_hf(rows: list[dict], model: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def quickstart_vllm(tmp_path_factory):
+def quickstart_vllm(tmp_path_factory, quickstart_model):
     """The README's vLLM quickstart line, run as written in a folder holding the repo's configs/ and examples/."""
     assert README_LINE in (ROOT / "README.md").read_text(), "the README's line changed: change it here too"
     work = tmp_path_factory.mktemp("quickstart-vllm")
     for name in ("configs", "examples"):
         os.symlink(ROOT / name, work / name)
+    copy_model(quickstart_model, work / "runs" / "quickstart" / "model")  # --build-model finds it built
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(README_LINE.split(), cwd=work, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
