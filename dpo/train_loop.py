@@ -272,7 +272,8 @@ def micro_batch_losses(t: TrainConfig, chosen, rejected, mb):
     ref_c, ref_r = (mb.ref_chosen, mb.ref_rejected) if needs_reference else (None, None)
     len_c, len_r = mb.chosen_lengths, mb.rejected_lengths
     if t.average_logps:
-        # The cached reference scores are sums: put them on the same per-token scale.
+        # The cached reference scores are sums: put them on the policy's per-token scale, both divided by the
+        # reply's scored tokens (dpo.schema.scored_tokens, which collate counted).
         if ref_c is not None:
             ref_c, ref_r = ref_c / len_c.clamp(min=1), ref_r / len_r.clamp(min=1)
         len_c, len_r = torch.ones_like(len_c), torch.ones_like(len_r)

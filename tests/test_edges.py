@@ -1,0 +1,90 @@
+"""The edges where a run could be silently wrong (issue 25): each is refused, counted or said."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+from dpo import schema
+from dpo.batching import Pairs, collate
+from dpo.config import DataConfig, TrainConfig
+from dpo.forward import PolicyLogps, lay_out, sequence_logps
+from dpo.train_loop import micro_batch_losses
+from pipeline.read import read_file_rows
+from pipeline.tokenize import tokenize_batch
+from wordlevel import save_wordlevel
+
+LAYOUTS = ["padded", "packed", "shared"]
+
+
+def tokenized_rows(path: str, tokenizer: str, data: DataConfig) -> list[dict]:
+    """Every row of one file as the pipeline's read and tokenize stages leave it (no Ray)."""
+    rows = [row for shard in read_file_rows(path, 0, fmt="auto", shard_rows=1000) for row in shard]
+    return tokenize_batch(pa.Table.from_pylist(rows), data=data, tokenizer_path=tokenizer,
+                          trust_remote_code=False).to_pylist()
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_an_empty_prompt_is_rejected_with_its_reason_and_refused_by_every_scorer(tmp_path):
+    """The word-level tokenizer adds no BOS: prompt "" has no tokens, so nothing predicts a reply's first token.
+
+    Line 1 (prompt "") is rejected with EMPTY_PROMPT; line 2 is kept as prompt [6] (hi), chosen [7, 1]
+    (hello <eos>), rejected [8, 1] (bye <eos>): in 2 = kept 1 + rejected 1. The forward (policy and hf
+    scorer) refuses such a pair in every layout; the vLLM scorer's refusal is in tests/test_scoring.py.
+    """
+    tok = save_wordlevel(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "", "chosen": "hi", "rejected": "bye"},
+                                                  {"prompt": "hi", "chosen": "hello", "rejected": "bye"}])
+    rows = tokenized_rows(path, tok, DataConfig(max_length=16, max_prompt_length=8))
+    assert [r["reject"] for r in rows] == [schema.EMPTY_PROMPT, None]
+    kept = rows[1]
+    assert (kept["prompt_ids"], kept["chosen_ids"], kept["rejected_ids"]) == ([6], [7, 1], [8, 1])
+    for layout in LAYOUTS:
+        with pytest.raises(schema.EmptyPrompt, match="empty prompt"):
+            lay_out([([], [7, 1], [8, 1])], pad_id=0, layout=layout)
+
+
+def test_with_policy_equal_to_reference_the_first_loss_is_ln2_per_token_too(tmp_path, tiny_model, one_torch_thread):
+    """Policy = reference: every pair's DPO loss is -log sigmoid(0) = ln 2 = 0.693147, summed or averaged.
+
+    The data holds two pairs with prompt "" (the tiny model's tokenizer adds no BOS) among three good ones.
+    Kept as they once were, such a pair scored m - 1 of its m reply tokens while the cached sum was divided
+    by m under train.average_logps, and their first losses came out 0.6747 and 0.7706, not ln 2. Now they are
+    rejected (5 in = 3 kept + 2 rejected), and the cache (the hf scorer), the policy forward and the loss
+    count the same tokens.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.scoring import HFScorer
+
+    records = [{"prompt": "", "chosen": "Paris is the capital.", "rejected": "No idea."},
+               {"prompt": "", "chosen": "Yes", "rejected": "It is not so, I think."},
+               {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5, or so."},
+               {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A number."},
+               {"prompt": "Hi", "chosen": "Hello there, friend.", "rejected": "Go."}]
+    rows = tokenized_rows(write_jsonl(tmp_path / "pairs.jsonl", records), tiny_model,
+                          DataConfig(max_length=64, max_prompt_length=32))
+    kept = [r for r in rows if r["reject"] is None]
+    triples = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in kept]
+    ref = HFScorer(tiny_model).score(triples)
+    pairs = Pairs.from_tables(pa.table({
+        "pair_id": [r["pair_id"] for r in kept], "prompt_ids": [t[0] for t in triples],
+        "chosen_ids": [t[1] for t in triples], "rejected_ids": [t[2] for t in triples],
+        "ref_chosen_logp": [s[0] for s in ref], "ref_rejected_logp": [s[1] for s in ref]}))
+    policy = PolicyLogps(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval(), 1024)
+    for average in (False, True):
+        for layout in LAYOUTS:
+            mb = collate(pairs, torch.arange(len(pairs)).numpy(), 0, layout)
+            with torch.no_grad():
+                chosen, rejected = sequence_logps(policy, mb.inputs, average=average)
+            out = micro_batch_losses(TrainConfig(average_logps=average), chosen, rejected, mb)
+            assert out.losses.tolist() == pytest.approx([math.log(2)] * len(kept), abs=1e-5), (average, layout)
+    assert [r["reject"] for r in rows] == [schema.EMPTY_PROMPT] * 2 + [None] * 3
