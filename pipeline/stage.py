@@ -258,6 +258,7 @@ def run_stage(
         **(manifest_extra or {}),
         "resumed_shards": len(done),
         "written_shards": writer.committed,
+        "redelivered_rows": writer.redelivered,
         "timings": {
             "total_s": round(time.time() - t0, 3),
             "stream_s": round(elapsed, 3),

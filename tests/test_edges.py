@@ -88,3 +88,29 @@ def test_with_policy_equal_to_reference_the_first_loss_is_ln2_per_token_too(tmp_
             out = micro_batch_losses(TrainConfig(average_logps=average), chosen, rejected, mb)
             assert out.losses.tolist() == pytest.approx([math.log(2)] * len(kept), abs=1e-5), (average, layout)
     assert [r["reject"] for r in rows] == [schema.EMPTY_PROMPT] * 2 + [None] * 3
+
+
+def shard_rows(shard: str, lines: list[int]) -> pa.Table:
+    """Tokenized rows of `shard` as the stream delivers them: pair (prompt [5], chosen [6, 1], rejected [7, 1])."""
+    return pa.Table.from_pylist([
+        {schema.PAIR_ID: f"p{line}", schema.PROMPT_IDS: [5], schema.CHOSEN_IDS: [6, 1], schema.REJECTED_IDS: [7, 1],
+         schema.PROMPT_LENGTH: 1, schema.CHOSEN_LENGTH: 2, schema.REJECTED_LENGTH: 2, schema.TRUNCATED: False,
+         schema.IDENTICAL: False, schema.FILE: "in.jsonl", schema.LINE: line, "shard": shard, "reject": None}
+        for line in lines])
+
+
+def test_a_row_delivered_again_after_its_shard_committed_is_dropped_and_counted(tmp_path):
+    """Shard a holds lines 1-2, shard b line 3. Lines 1, 2 commit a; a retried task then delivers 2 again
+    (after a's commit: it used to reopen a, and the stage failed with "incomplete shards" once all was done)
+    and 3 twice (before b's commit). Both shards are written once, each with its rows once: a 2, b 1;
+    nothing is pending, and the 2 rows delivered again are counted."""
+    from pipeline.manifest import SHARDS, ShardWriter
+
+    writer = ShardWriter(str(tmp_path), {"a": 2, "b": 1}, scored=False)
+    writer.add(shard_rows("a", [1, 2]))
+    writer.add(shard_rows("a", [2]))
+    writer.add(pa.concat_tables([shard_rows("b", [3]), shard_rows("b", [3])]))
+    assert writer.incomplete() == {} and writer.committed == 2 and writer.redelivered == 2
+    markers = {s: json.loads((tmp_path / SHARDS / f"{s}.json").read_text()) for s in "ab"}
+    assert {s: (m["rows"], m["kept"]) for s, m in markers.items()} == {"a": (2, 2), "b": (1, 1)}
+    assert writer.rows_in == 3
