@@ -114,3 +114,70 @@ def test_a_row_delivered_again_after_its_shard_committed_is_dropped_and_counted(
     markers = {s: json.loads((tmp_path / SHARDS / f"{s}.json").read_text()) for s in "ab"}
     assert {s: (m["rows"], m["kept"]) for s, m in markers.items()} == {"a": (2, 2), "b": (1, 1)}
     assert writer.rows_in == 3
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", None])
+def test_an_unreadable_tokenizer_config_fails_naming_the_file(tmp_path, content):
+    """A tokenizer_config.json that is not JSON, not UTF-8, not an object, or not a file (a folder of that name)
+    used to be skipped, and the fingerprint then hashed an empty chat template. Now one line names the key
+    and the file. Without the file there is no template to hash: that is not an error."""
+    from dpo.errors import UserError
+    from dpo.fingerprint import tokenizer_hashes
+
+    folder = tmp_path / "tok"
+    save_wordlevel(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = folder / "tokenizer_config.json"
+    config.unlink()
+    tokenizer_hashes(str(folder))
+    config.mkdir() if content is None else config.write_bytes(content)
+    with pytest.raises(UserError, match=f"^model.tokenizer: cannot read {config} ") as err:
+        tokenizer_hashes(str(folder))
+    assert "\n" not in str(err.value)
+
+
+class StallAfter:
+    """A StallWatch whose stall is declared on its second empty poll (0.2 s apart)."""
+
+    poll_s = 0.2
+
+    def __init__(self):
+        self.polls = 0
+
+    def progressed(self):
+        pass
+
+    def check(self):
+        from dpo.errors import UserError
+
+        self.polls += 1
+        if self.polls == 2:
+            raise UserError("run.stall_timeout_s: stalled")
+
+
+def test_after_a_stall_the_reader_thread_and_its_stream_are_stopped(ray_session):
+    """A stream whose one task never returns (it holds 1 of the session's 2 CPUs) stalls. Once the stall
+    fails the stage, its reader thread has ended and the stream's task is gone, giving its CPU back:
+    they used to run on until the process ended."""
+    import threading
+    import time
+
+    import ray
+
+    from dpo.errors import UserError
+    from pipeline.stage import STREAM_THREAD, watched_batches
+
+    def hang(batch):  # local, so that Ray pickles it by value: workers cannot import this test module
+        time.sleep(3600)
+        return batch
+
+    total = ray.cluster_resources()["CPU"]
+    ds = ray.data.range(1, override_num_blocks=1).map_batches(hang, num_cpus=1)
+    with pytest.raises(UserError, match="stalled"):
+        for _ in watched_batches(ds, StallAfter()):
+            pass
+    assert not [t for t in threading.enumerate() if t.name == STREAM_THREAD]
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == total
