@@ -181,3 +181,69 @@ def test_after_a_stall_the_reader_thread_and_its_stream_are_stopped(ray_session)
     while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == total
+
+
+def test_both_warmups_are_refused_naming_both_keys():
+    """train.warmup_steps used to win over train.warmup_ratio without a word; set together they are refused
+    in one line naming both. Either alone loads."""
+    from dpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.warmup_steps=10", "train.warmup_ratio=0.1"])
+    assert str(err.value).startswith("train.warmup_steps=10 and train.warmup_ratio=0.1 both set the warmup; set one")
+    assert "\n" not in str(err.value)
+    assert load_config(None, ["train.warmup_steps=10"]).train.warmup_steps == 10
+    assert load_config(None, ["train.warmup_ratio=0.1"]).train.warmup_ratio == 0.1
+
+
+def test_max_steps_capped_by_the_epochs_is_said():
+    """20 steps an epoch, train.epochs=2: 40 steps at most. max_steps 50 is capped at 40, and one line says
+    so; 30 runs 30, and no max_steps runs the 40, without a word."""
+    from dpo.train_loop import training_steps
+
+    assert training_steps(TrainConfig(max_steps=50, epochs=2), 20) == (
+        40, "train.max_steps=50 is capped at 40 steps by train.epochs=2 (20 steps an epoch); raise train.epochs "
+            "to train longer")
+    assert training_steps(TrainConfig(max_steps=30, epochs=2), 20) == (30, None)
+    assert training_steps(TrainConfig(epochs=2), 20) == (40, None)
+
+
+def test_a_resume_over_another_horizon_says_so_and_follows_the_new_curve():
+    """Linear decay, learning rate 1e-3, 2 warmup steps; 6 steps done of 10, resumed with 20.
+
+    The factor of 0-based step s after warmup is 1 - (s - 2) / (total - 2). Step 7 (s = 6): 1 - 4/8 = 0.5 of
+    the old curve, 5e-4; 1 - 4/18 = 7/9 of the new one, 7.77778e-4. The restored optimizer holds the old
+    5e-4, which step 7 used to train at; now it takes the new curve's, and step 8 (s = 7) 1 - 5/18 = 13/18.
+    Resumed over the same 10 steps: the restored scheduler, 5e-4, and no line.
+    """
+    from dpo.train_loop import lr_schedule, resumed_schedule
+
+    t = TrainConfig(learning_rate=1e-3, lr_scheduler="linear", warmup_steps=2)
+
+    def restored(total: int):
+        """An optimizer and scheduler over `total` steps, with the state of 6 steps over 10."""
+        states = []
+        for horizon in (10, total):
+            param = torch.nn.Parameter(torch.zeros(1))
+            optimizer = torch.optim.AdamW([param], lr=t.learning_rate)
+            states.append((optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, horizon))))
+        (old_optimizer, old_scheduler), (optimizer, scheduler) = states
+        for _ in range(6):
+            old_optimizer.step()
+            old_scheduler.step()
+        optimizer.load_state_dict(old_optimizer.state_dict())
+        scheduler.load_state_dict(old_scheduler.state_dict())
+        return optimizer, scheduler
+
+    optimizer, scheduler = restored(10)
+    assert resumed_schedule(t, optimizer, scheduler, 10, 10, 6) == (scheduler, None)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4, rel=1e-12)
+
+    optimizer, scheduler = restored(20)
+    scheduler, line = resumed_schedule(t, optimizer, scheduler, 10, 20, 6)
+    assert line == ("resuming after step 6 with an LR schedule over 20 steps instead of 10 (train.max_steps or "
+                    "train.epochs changed): step 7's learning rate is 0.000777778, not 0.0005")
+    assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 7 / 9, rel=1e-12)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 13 / 18, rel=1e-12)
