@@ -247,3 +247,60 @@ def test_a_resume_over_another_horizon_says_so_and_follows_the_new_curve():
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 13 / 18, rel=1e-12)
+
+
+def _port(listening: bool):
+    """A TCP port on every interface with a listener on it, or one that nothing listens on: (port, socket)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("", 0))
+    port = sock.getsockname()[1]
+    if listening:
+        sock.listen()
+        return port, sock
+    sock.close()
+    return port, None
+
+
+def test_a_dead_ray_address_fails_fast_naming_it_and_the_fix(monkeypatch):
+    """RAY_ADDRESS names a port nothing listens on: refused in one line, in well under 30 s (Ray retried it
+    forever). Ray canonicalises 127.0.0.1 to this node's IP, so the line names the port as given and as tried."""
+    import time
+
+    from dpo.errors import UserError
+    from jobs.cli import ray_address
+
+    port, _ = _port(listening=False)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(UserError) as err:
+        ray_address()
+    assert time.monotonic() - started < 30
+    line = str(err.value)
+    assert line.startswith(f"RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers at ") and f":{port};" in line
+    assert line.endswith("; start it, or unset RAY_ADDRESS (or set RAY_ADDRESS=local) to run on a local Ray")
+
+
+def test_a_dead_recorded_cluster_is_passed_over_for_a_local_ray_and_said(monkeypatch, tmp_path, caplog):
+    """No RAY_ADDRESS; Ray's temp dir (RAY_TMPDIR) records the address of the last `ray start`. Dead: the job
+    starts a local Ray ("local") and one warning names the address. Alive (something listens there): Ray's
+    own choice stands (None), and it joins that cluster as before."""
+    from jobs.cli import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    record = tmp_path / "ray" / "ray_current_cluster"
+    port, _ = _port(listening=False)
+    record.write_text(f"127.0.0.1:{port}")
+    with caplog.at_level("WARNING", logger="raydpo"):
+        assert ray_address() == "local"
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "raydpo"]
+    assert f":{port}, where the last `ray start` on this machine left one" in warning and "`ray stop`" in warning
+    port, listener = _port(listening=True)
+    record.write_text(f"127.0.0.1:{port}")
+    try:
+        assert ray_address() is None
+    finally:
+        listener.close()
