@@ -185,7 +185,7 @@ def rank_micro_batches(global_batch: np.ndarray, rank: int, world: int, grad_acc
 class MicroBatch:
     inputs: ModelInputs                   # what the model runs, in the chosen layout (dpo.forward)
     num_pairs: int
-    chosen_lengths: torch.Tensor          # [b] response tokens
+    chosen_lengths: torch.Tensor          # [b] scored response tokens (dpo.schema.scored_tokens)
     rejected_lengths: torch.Tensor
     ref_chosen: Optional[torch.Tensor]    # [b] float32
     ref_rejected: Optional[torch.Tensor]
@@ -199,11 +199,12 @@ class MicroBatch:
 
 def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, layout: Layout) -> MicroBatch:
     triples = [(pairs.prompt[i], pairs.chosen[i], pairs.rejected[i]) for i in rows]
+    scored = lambda replies: schema.scored_tokens(pairs.prompt.lengths[rows], replies.lengths[rows])  # noqa: E731
     return MicroBatch(
         inputs=lay_out(triples, pad_id, layout),
         num_pairs=len(rows),
-        chosen_lengths=torch.tensor(pairs.chosen.lengths[rows], dtype=torch.float32),
-        rejected_lengths=torch.tensor(pairs.rejected.lengths[rows], dtype=torch.float32),
+        chosen_lengths=torch.tensor(scored(pairs.chosen), dtype=torch.float32),
+        rejected_lengths=torch.tensor(scored(pairs.rejected), dtype=torch.float32),
         ref_chosen=None if pairs.ref_chosen is None else torch.tensor(pairs.ref_chosen[rows], dtype=torch.float32),
         ref_rejected=None if pairs.ref_rejected is None else torch.tensor(pairs.ref_rejected[rows], dtype=torch.float32),
         pair_ids=[pairs.pair_ids[i] for i in rows],

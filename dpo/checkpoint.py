@@ -81,12 +81,13 @@ def begin(root: str, step: int) -> str:
 
 
 def write_states(dest: str, *, scheduler_state: dict, rng_states: list, step: int, epoch: int,
-                 skipped_batches: int) -> None:
-    """The small, whole states beside the shards (rank 0)."""
+                 skipped_batches: int, total_steps: int) -> None:
+    """The small, whole states beside the shards (rank 0); `total_steps` is the LR schedule's horizon."""
     storage.write_bytes(storage.join(dest, "scheduler.pt"), _torch_bytes(scheduler_state))
     storage.write_bytes(storage.join(dest, "rng.pt"), _torch_bytes(rng_states))
-    storage.write_text(storage.join(dest, STATE),
-                       json.dumps({"step": step, "epoch": epoch, "skipped_batches": skipped_batches}))
+    storage.write_text(storage.join(dest, STATE), json.dumps({"step": step, "epoch": epoch,
+                                                               "skipped_batches": skipped_batches,
+                                                               "total_steps": total_steps}))
 
 
 def finish(root: str, step: int, keep: int) -> None:

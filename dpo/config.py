@@ -208,6 +208,13 @@ class TrainConfig(_LossKeys):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainConfig":
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} and train.warmup_ratio={self.warmup_ratio:g} "
+                             "both set the warmup; set one of them, the other to 0")
+        return self
+
+    @model_validator(mode="after")
     def _one_layout(self) -> "TrainConfig":
         if self.packing == "on" and self.prefix_sharing == "on":
             raise ValueError("train.packing=on and train.prefix_sharing=on lay a batch out in two different ways; "

@@ -82,12 +82,17 @@ def tokenizer_hashes(tokenizer_dir: str, key: str = "model.tokenizer") -> tuple[
     if os.path.exists(jinja):
         with open(jinja, encoding="utf-8") as fh:
             template = fh.read()
-    else:
+    elif os.path.exists(config := os.path.join(tokenizer_dir, "tokenizer_config.json")):
         try:
-            with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), encoding="utf-8") as fh:
-                template = json.dumps(json.load(fh).get("chat_template") or "")
-        except (OSError, ValueError):
-            pass
+            with open(config, encoding="utf-8") as fh:
+                settings = json.load(fh)
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+            settings = exc
+        if not isinstance(settings, dict):
+            why = settings if isinstance(settings, Exception) else f"a JSON {type(settings).__name__}, not an object"
+            raise UserError(f"{key}: cannot read {config} ({why}), so its chat template cannot be part of the "
+                            "fingerprint; fix or replace the file") from None
+        template = json.dumps(settings.get("chat_template") or "")
     return _hash_files(tokenizer_dir, names), hashlib.sha256(template.encode()).hexdigest()[:32]
 
 

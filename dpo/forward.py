@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dpo.logprobs import chunked_token_logps, gathered_token_logps
+from dpo.schema import scored_tokens
 
 log = logging.getLogger("raydpo.train")
 
@@ -60,25 +61,27 @@ class ModelInputs:
         return ModelInputs(**{k: move(v) for k, v in self.__dict__.items()})
 
 
-def _predictors(tokens_at: np.ndarray, before_first: Optional[int]) -> np.ndarray:
+def _predictors(tokens_at: np.ndarray, before_first: int) -> np.ndarray:
     """Flat positions whose outputs predict a reply's tokens, which sit at `tokens_at`.
 
     Each token is predicted by the one before it in the sequence: the first by
     the prompt's last token (`before_first`; in the shared layout the chosen
-    reply lies between them), every later one by its left neighbour. A reply
-    with no prompt has nothing before its first token, which is not scored.
+    reply lies between them), every later one by its left neighbour.
     """
-    return tokens_at[:-1] if before_first is None else np.concatenate([[before_first], tokens_at[:-1]])
+    return np.concatenate([[before_first], tokens_at[:-1]])
 
 
 def lay_out(pairs: Sequence[Triple], pad_id: int, layout: Layout) -> ModelInputs:
-    """The model inputs of `pairs` in `layout`; see the module docstring."""
+    """The model inputs of `pairs` in `layout`; see the module docstring.
+
+    A pair with an empty prompt is refused (dpo.schema.EmptyPrompt): every reply token is scored.
+    """
     b = len(pairs)
     index, targets, sequence = [], [], []
 
-    def score(seq: int, response, tokens_at: np.ndarray, before_first: Optional[int]) -> None:
+    def score(seq: int, prompt_length: int, response, tokens_at: np.ndarray, before_first: int) -> None:
+        targets.append(np.asarray(response, dtype=np.int64)[:scored_tokens(prompt_length, len(response))])
         index.append(_predictors(tokens_at, before_first))
-        targets.append(np.asarray(response, dtype=np.int64)[len(tokens_at) - len(index[-1]):])
         sequence.append(np.full(len(index[-1]), seq, dtype=np.int64))
 
     if layout == "shared":
@@ -90,9 +93,9 @@ def lay_out(pairs: Sequence[Triple], pad_id: int, layout: Layout) -> ModelInputs
             segments[k, :n], segments[k, n:n + m], segments[k, n + m:n + m + q] = PROMPT, CHOSEN, REJECTED
             positions[k, :n + m] = np.arange(n + m)
             positions[k, n + m:n + m + q] = n + np.arange(q)
-            before = k * width + n - 1 if n else None
-            score(k, c, k * width + n + np.arange(m), before)
-            score(b + k, r, k * width + n + m + np.arange(q), before)
+            before = k * width + n - 1
+            score(k, n, c, k * width + n + np.arange(m), before)
+            score(b + k, n, r, k * width + n + m + np.arange(q), before)
         ids = _pad([np.concatenate([p, c, r]) for p, c, r in pairs], width, pad_id)
         return _inputs(ids, None, torch.from_numpy(positions), index, targets, sequence, b,
                        segments=torch.from_numpy(segments))
@@ -102,7 +105,7 @@ def lay_out(pairs: Sequence[Triple], pad_id: int, layout: Layout) -> ModelInputs
         offset = 0
         for j, (p, response) in enumerate(sequences):
             n, m = len(p), len(response)
-            score(j, response, offset + n + np.arange(m), offset + n - 1 if n else None)
+            score(j, n, response, offset + n + np.arange(m), offset + n - 1)
             offset += n + m
         ids = torch.from_numpy(np.concatenate([np.concatenate([p, r]) for p, r in sequences]).astype(np.int64))
         positions = np.concatenate([np.arange(len(p) + len(r)) for p, r in sequences])
@@ -113,7 +116,7 @@ def lay_out(pairs: Sequence[Triple], pad_id: int, layout: Layout) -> ModelInputs
     for j, (p, response) in enumerate(sequences):
         n, m = len(p), len(response)
         mask[j, :n + m] = 1
-        score(j, response, j * width + n + np.arange(m), j * width + n - 1 if n else None)
+        score(j, n, response, j * width + n + np.arange(m), j * width + n - 1)
     ids = _pad([np.concatenate([p, r]) for p, r in sequences], width, pad_id)
     return _inputs(ids, mask, None, index, targets, sequence, b)
 

@@ -193,7 +193,7 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dpo.train_loop import ATTEMPTS_FILE, ERROR_FILE, train_loop_per_worker
+    from dpo.train_loop import ATTEMPTS_FILE, train_loop_per_worker
 
     validate(cfg, train_data)
     cfg = _with_absolute_paths(cfg)
@@ -226,12 +226,10 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
-    error_path = storage.join(train_dir, ERROR_FILE)
-    storage.delete_file(error_path)
     started = time.time()
     result = trainer.fit()
-    if storage.exists(error_path):
-        raise UserError(storage.read_text(error_path))
+    if result.return_value is not None:  # what stopped training (dpo.train_loop.train_loop_per_worker)
+        raise UserError(result.return_value)
     final = dict(result.metrics or {})
     metrics_path = storage.join(train_dir, "metrics.jsonl")
     history = read_metrics(metrics_path)

@@ -12,6 +12,7 @@ dpo never imports pipeline.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 PAIR_ID = "pair_id"
@@ -49,6 +50,31 @@ REFERENCE = pa.schema(list(PREPARED) + list(SCORES))
 # What training reads of a dataset: the ids, and the scores when the loss needs them.
 TOKEN_COLUMNS = [PAIR_ID, PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS]
 SCORE_COLUMNS = SCORES.names
+
+
+EMPTY_PROMPT = ("empty prompt: it has no tokens, so nothing predicts the reply's first token; give the row a prompt, "
+                "or use a tokenizer that adds a BOS token")
+
+
+class EmptyPrompt(ValueError):
+    pass
+
+
+def scored_tokens(prompt_length, reply_length):
+    """How many of a reply's tokens are scored: all of them (ints or numpy arrays).
+
+    A token's score is log p(token | every token before it), so the reply's
+    first token needs a prompt token before it; with an empty prompt only m - 1
+    of m would be scored, and a per-token mean (train.average_logps) over m
+    would then differ between the cached reference and the policy. Such a pair
+    is refused (EmptyPrompt): pipeline.tokenize rejects the row with
+    EMPTY_PROMPT, the forward (dpo.forward.lay_out: the policy, and the hf
+    scorer) and the vLLM scorer refuse it, and the loss's lengths
+    (dpo.batching.collate) are counted here.
+    """
+    if (np.asarray(prompt_length) < 1).any():
+        raise EmptyPrompt(EMPTY_PROMPT)
+    return reply_length
 
 
 def dataset_schema(scored: bool) -> pa.Schema:

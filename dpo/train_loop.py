@@ -48,7 +48,6 @@ AVERAGED = STATS[1:8]
 # What a checkpoint holds of the model: the parameters that train, as this rank holds them. All of them, or under
 # model.lora the adapters alone (dpo.lora): the frozen base is model.policy's, read again by a restore.
 TRAINED_STATE = StateDictOptions(ignore_frozen_params=True)
-ERROR_FILE = "error.txt"
 ATTEMPTS_FILE = "attempts.jsonl"
 # PolicyLogps holds the transformers model as `lm`: its keys in checkpoints, not in the exported policy/.
 LM_PREFIX = "lm."
@@ -102,16 +101,19 @@ class StepResult:
         return self.stats[STATS.index("nonfinite")] == 0 and math.isfinite(self.grad_norm)
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> Optional[str]:
+    """Train; return None, or the error that stopped training (a non-finite loss under
+    train.on_nonfinite_loss=error). Ray Train hands rank 0's return value to the driver (Result.return_value),
+    which raises it: every rank ends cleanly, since a raised error would make Ray Train retry a deterministic
+    failure train.max_failures times."""
     w = setup(config)
     last: dict = {}
     for step in range(w.step + 1, w.total_steps + 1):
         _maybe_fail(w, step)
         result = train_step(w, global_batch(w, step))
         if not result.finite and w.t.on_nonfinite_loss == "error":
-            _stop_nonfinite(w, step, result.bad_pair_ids)
             w.trackers.close()
-            return
+            return _nonfinite_error(w, step, result.bad_pair_ids)
         w.step = step
         do_eval = w.eval_pairs is not None and (step == w.total_steps or (w.t.eval_every and step % w.t.eval_every == 0))
         if step % w.t.log_every == 0 or step == w.total_steps or do_eval:
@@ -142,7 +144,9 @@ def setup(config: dict) -> Worker:
     train_pairs = Pairs.from_batch(ray.get(config["train_pairs"]))
     eval_pairs = Pairs.from_batch(ray.get(config["eval_pairs"])) if config["eval_pairs"] is not None else None
     steps_per_epoch = len(train_pairs) // (t.batch_size * world * t.grad_accum)
-    total = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
+    total, capped = training_steps(t, steps_per_epoch)
+    if capped and rank == 0:
+        log.warning(capped)
 
     policy = load_policy(cfg, device, rank)
     # Again: loading draws from the RNG on some ranks only (under fsdp rank 0 initialises LoRA's A, the others
@@ -243,6 +247,33 @@ def evaluate(w: Worker) -> dict:
 # --------------------------------------------------------------------------- helpers
 
 
+def training_steps(t: TrainConfig, steps_per_epoch: int) -> tuple[int, Optional[str]]:
+    """The run's steps, which are the LR schedule's horizon: train.max_steps, but at most train.epochs epochs;
+    and the line that says so when the epochs cap train.max_steps (else None)."""
+    by_epochs = t.epochs * steps_per_epoch
+    if t.max_steps is None or t.max_steps <= by_epochs:
+        return t.max_steps or by_epochs, None
+    return by_epochs, (f"train.max_steps={t.max_steps} is capped at {by_epochs} steps by train.epochs={t.epochs} "
+                       f"({steps_per_epoch} steps an epoch); raise train.epochs to train longer")
+
+
+def resumed_schedule(t: TrainConfig, optimizer, scheduler, saved_total: int, total: int, step: int):
+    """(scheduler, line) for a run resumed after `step` whose checkpoint's schedule ran over `saved_total` steps.
+
+    The same horizon: the restored scheduler, and None. Another (train.max_steps or train.epochs changed):
+    a scheduler on the new curve from step + 1 on, which also sets the optimizer's LR (restored from the old
+    curve), and the line that says so: both horizons, and step + 1's LR on each.
+    """
+    if saved_total == total:
+        return scheduler, None
+    before, after = (t.learning_rate * lr_schedule(t, n)(step) for n in (saved_total, total))
+    # LambdaLR's first step, at construction, moves last_epoch from step - 1 to step: step + 1's LR.
+    resumed = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total), last_epoch=step - 1)
+    return resumed, (f"resuming after step {step} with an LR schedule over {total} steps instead of {saved_total} "
+                     f"(train.max_steps or train.epochs changed): step {step + 1}'s learning rate is {after:.6g}, "
+                     f"not {before:.6g}")
+
+
 def lr_schedule(t: TrainConfig, total: int):
     """LambdaLR factor of step s (0-based): linear warmup, then linear/cosine/constant decay to 0."""
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)
@@ -276,7 +307,8 @@ def micro_batch_losses(t: TrainConfig, chosen, rejected, mb):
     ref_c, ref_r = (mb.ref_chosen, mb.ref_rejected) if needs_reference else (None, None)
     len_c, len_r = mb.chosen_lengths, mb.rejected_lengths
     if t.average_logps:
-        # The cached reference scores are sums: put them on the same per-token scale.
+        # The cached reference scores are sums: put them on the policy's per-token scale, both divided by the
+        # reply's scored tokens (dpo.schema.scored_tokens, which collate counted).
         if ref_c is not None:
             ref_c, ref_r = ref_c / len_c.clamp(min=1), ref_r / len_r.clamp(min=1)
         len_c, len_r = torch.ones_like(len_c), torch.ones_like(len_r)
@@ -344,7 +376,8 @@ def _progress(m: dict, total: int) -> str:
     return line
 
 
-def _stop_nonfinite(w: Worker, step: int, bad_ids: list[str]) -> None:
+def _nonfinite_error(w: Worker, step: int, bad_ids: list[str]) -> str:
+    """The one line that stops training at a non-finite step, naming the pairs of every rank (a collective)."""
     gathered = [None] * w.world
     if w.world > 1:
         dist.all_gather_object(gathered, bad_ids)
@@ -352,12 +385,8 @@ def _stop_nonfinite(w: Worker, step: int, bad_ids: list[str]) -> None:
         gathered = [bad_ids]
     ids = sorted({p for ids in gathered for p in ids})
     where = f"pairs {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" if ids else "the gradient"
-    message = (f"non-finite loss at step {step} ({where}); lower train.learning_rate or train.beta, check those "
-               "pairs, or set train.on_nonfinite_loss=skip to skip such batches")
-    # Every rank ends cleanly (raising would make Ray Train retry a deterministic failure);
-    # the driver finds the message here.
-    if w.rank == 0:
-        storage.write_text(storage.join(w.train_dir, ERROR_FILE), message)
+    return (f"non-finite loss at step {step} ({where}); lower train.learning_rate or train.beta, check those "
+            "pairs, or set train.on_nonfinite_loss=skip to skip such batches")
 
 
 def _maybe_fail(w: Worker, step: int) -> None:
@@ -398,6 +427,11 @@ def _restore(w: Worker) -> None:
     ckpt.set_rng_state(ckpt.load(folder, "rng.pt")[w.rank])
     saved = ckpt.read_state(folder)
     w.step, w.skipped = int(saved["step"]), int(saved["skipped_batches"])
+    # A checkpoint written before state.json held the horizon: taken as unchanged.
+    saved_total = int(saved.get("total_steps", w.total_steps))
+    w.scheduler, changed = resumed_schedule(w.t, w.optimizer, w.scheduler, saved_total, w.total_steps, w.step)
+    if changed and w.rank == 0:
+        log.warning(changed)
 
 
 def _save(w: Worker, metrics: dict) -> None:
@@ -414,7 +448,8 @@ def _save(w: Worker, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=None)
         return
     ckpt.write_states(folder, scheduler_state=w.scheduler.state_dict(), rng_states=rngs, step=w.step,
-                      epoch=(w.step - 1) // w.steps_per_epoch, skipped_batches=w.skipped)
+                      epoch=(w.step - 1) // w.steps_per_epoch, skipped_batches=w.skipped,
+                      total_steps=w.total_steps)
     # dcp.save returns on every rank once the last rank's files and the metadata are written.
     ckpt.finish(root, w.step, w.t.keep_checkpoints)
     with tempfile.TemporaryDirectory(prefix="dpo-ckpt-") as tmp:

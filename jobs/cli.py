@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import sys
 from typing import Callable, Iterator, Optional
 
@@ -22,6 +23,8 @@ from jobs.logs import FILE_ONLY, JobLog, setup_terminal
 from pipeline.vllm_build import check_torchvision
 
 log = logging.getLogger("raydpo")
+# How long a cluster's GCS is given to accept a connection before the job counts it dead.
+GCS_ANSWER_S = 10.0
 
 
 def parse(argv: Optional[list[str]], description: str, extra=None) -> tuple[Config, argparse.Namespace]:
@@ -46,12 +49,48 @@ def init_ray(job_log: JobLog) -> None:
     # Under `ray job submit` RAY_ADDRESS points at the cluster and the job's
     # runtime env already ships the code. A local run starts its own Ray,
     # without the dashboard, which would double start-up time on a laptop.
+    address = ray_address()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
+        ray.init(address, logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
     note_free_cpus()
     job_log.route_worker_lines()
+
+
+def ray_address() -> Optional[str]:
+    """What `ray.init` is given: None (Ray's own choice), or "local" instead of a dead recorded cluster.
+
+    Given no address, Ray joins the cluster RAY_ADDRESS names or, without it, the one the last `ray start` on
+    this machine recorded in Ray's temp dir, and retries a dead one forever ("Failed to connect to GCS"). So
+    its GCS is asked first, for at most GCS_ANSWER_S: a RAY_ADDRESS that does not answer is refused, naming
+    the fix; a dead recorded one, which the user did not ask for, is passed over for a local Ray, said in one
+    line. A `ray://` or `local` address is Ray's to handle.
+    """
+    from ray._private.services import canonicalize_bootstrap_address  # Ray 2.60: RAY_ADDRESS, else the record
+
+    asked = os.environ.get("RAY_ADDRESS")
+    if asked and "://" in asked:
+        return None
+    address = canonicalize_bootstrap_address(None)
+    if address is None or _gcs_answers(address):
+        return None
+    if asked:
+        raise UserError(f"RAY_ADDRESS={asked}: no Ray cluster answers at {address}; start it, or unset RAY_ADDRESS "
+                        "(or set RAY_ADDRESS=local) to run on a local Ray")
+    log.warning("no Ray cluster answers at %s, where the last `ray start` on this machine left one (a head that "
+                "ended without `ray stop`): this job starts a local Ray instead; `ray stop` clears the record, "
+                "RAY_ADDRESS names another cluster", address)
+    return "local"
+
+
+def _gcs_answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_ANSWER_S).close()
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -28,5 +28,7 @@ def print_dataset_summary(title: str, folder: str, manifest: dict) -> None:
                  ("tokens/s this run", t.get("tokens_per_s"))]
     if manifest.get("resumed_shards"):
         rows.append(("shards resumed", manifest["resumed_shards"]))
+    if manifest.get("redelivered_rows"):
+        rows.append(("rows delivered twice (kept once)", manifest["redelivered_rows"]))
     rows.append(("output", folder))
     print(table(title, rows), flush=True)

@@ -68,13 +68,18 @@ class ShardWriter:
     def __init__(self, folder: str, expected: dict[str, int], scored: bool):
         self.folder, self.expected, self.scored = folder, expected, scored
         self.pending: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+        self.done: set[str] = set()  # shards committed this run
         self.committed = 0
         self.rows_done = self.pairs_done = self.tokens_done = 0
+        self.redelivered = 0  # rows a retried task delivered again, dropped
 
     def add(self, table: pa.Table) -> None:
         for row in table.to_pylist():
             shard = row["shard"]
-            # A retried task can deliver a row twice; the line number makes it one.
+            # A retried task can deliver a row twice, even after its shard was written: kept once, counted.
+            if shard in self.done or row["line"] in self.pending[shard]:
+                self.redelivered += 1
+                continue
             self.pending[shard][row["line"]] = row
             if len(self.pending[shard]) == self.expected[shard]:
                 self._commit(shard, self.pending.pop(shard))
@@ -111,6 +116,7 @@ class ShardWriter:
             "rejects": rejects,
         }
         storage.write_text(storage.join(self.folder, SHARDS, f"{shard}.json"), json.dumps(marker))
+        self.done.add(shard)
         self.committed += 1
         self.rows_done += len(rows)
         self.pairs_done += len(kept)

@@ -269,11 +269,16 @@ def read_file_rows(
         if record is not None:
             if detected is None:
                 detected = detect_format(record)
-            pair_id, error = pair_id_of(record)
             try:
-                text = None if (error or ids_only) else json.dumps(record, ensure_ascii=False)
-            except (TypeError, ValueError) as exc:
-                error = f"row holds a value that is not JSON text: {exc}"
+                # A lone surrogate (JSON's "\ud800") is no text: it cannot be hashed, stored or tokenized.
+                text = json.dumps(record, ensure_ascii=False)
+                text.encode("utf-8")
+            except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+                text, error = None, f"row holds a value that is not JSON text: {exc}"
+            else:
+                pair_id, error = pair_id_of(record)
+            if error or ids_only:
+                text = None
         chunk.append(
             {
                 "file": path,

@@ -143,8 +143,7 @@ def prompt_token_logprobs(prompt_logprobs, token_ids: Sequence[int], start: int)
     """
     if len(prompt_logprobs) != len(token_ids):
         raise ValueError(f"vLLM returned {len(prompt_logprobs)} prompt log-probs for {len(token_ids)} tokens")
-    if start < 1:
-        raise ValueError("position 0 has no log-prob: a response must follow at least one prompt token")
+    schema.scored_tokens(start, len(token_ids) - start)  # position 0 has no log-prob: refuses an empty prompt
     out = []
     flat = hasattr(prompt_logprobs, "start_indices")
     for pos in range(start, len(token_ids)):

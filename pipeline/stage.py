@@ -16,6 +16,7 @@ say nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 # How often the driver looks at the cluster while no batch comes (at most), and logs its progress.
 POLL_S = 5.0
 PROGRESS_EVERY_S = 30.0
+STREAM_THREAD = "raydpo-stream"
+# How long a stopped stream's thread is waited for: its iterator ends within a scheduling step of the shutdown.
+STOP_TIMEOUT_S = 30.0
 
 
 def waiting_demands() -> list[tuple[dict, int]]:
@@ -102,12 +106,23 @@ def watched_batches(ds: ray.data.Dataset, watch: StallWatch) -> Iterator[pa.Tabl
     """`ds.iter_batches()`, in the caller's thread, failing by `watch` when the stream stalls.
 
     Ray Data's iterator blocks without a timeout, so a thread pulls the batches
-    and this generator waits for each with one. After a stall the thread is
-    left to the process's end (the jobs exit on it); should the stream move
-    again it stops at its next batch and Ray Data shuts the stream down.
+    and this generator waits for each with one. However it ends (the stream's
+    end, a stall, the caller's error or early exit), the stream is shut down,
+    its tasks and actors with it, and the thread, whose iterator then ends, is
+    joined.
     """
     items: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
+    # Ray Data (2.60) makes the stream's executor inside iter_batches and gives no public handle on it, and a
+    # stalled stream may not have produced the first block that would expose it (Dataset._current_executor).
+    executors = []
+    create_executor = ds._create_executor
+
+    def capture_executor():
+        executors.append(create_executor())
+        return executors[-1]
+
+    ds._create_executor = capture_executor
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -127,7 +142,8 @@ def watched_batches(ds: ray.data.Dataset, watch: StallWatch) -> Iterator[pa.Tabl
         except BaseException as exc:  # handed to the caller's thread, which raises it
             put(("error", exc))
 
-    threading.Thread(target=pull, name="raydpo-stream", daemon=True).start()
+    puller = threading.Thread(target=pull, name=STREAM_THREAD, daemon=True)
+    puller.start()
     try:
         while True:
             try:
@@ -143,6 +159,17 @@ def watched_batches(ds: ray.data.Dataset, watch: StallWatch) -> Iterator[pa.Tabl
             yield item
     finally:
         stop.set()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while puller.is_alive() and time.monotonic() < deadline:
+            for executor in executors:
+                # Idempotent, and a no-op until the executor has started (a stall may be declared sooner): hence
+                # the loop. The stream's output then ends, and so does the thread's loop.
+                executor.shutdown(force=True)
+            with contextlib.suppress(queue.Empty):
+                items.get_nowait()  # a thread waiting to put a batch puts it, then finds the stream ended
+            puller.join(timeout=0.1)
+        if puller.is_alive():
+            log.warning("the stream's reader thread did not stop within %g s of the stream's end", STOP_TIMEOUT_S)
 
 
 def _read_files(batch: dict, *, fmt: str, shard_rows: int, skip_shards: frozenset, ids_only: bool):
@@ -258,6 +285,7 @@ def run_stage(
         **(manifest_extra or {}),
         "resumed_shards": len(done),
         "written_shards": writer.committed,
+        "redelivered_rows": writer.redelivered,
         "timings": {
             "total_s": round(time.time() - t0, 3),
             "stream_s": round(elapsed, 3),

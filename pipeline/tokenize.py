@@ -21,9 +21,9 @@ from dpo.errors import UserError
 from dpo.model_folders import tokenizer_files
 from pipeline.formats import RowError, normalise
 
-# Bump when the ids produced for the same text and tokenizer change; it is part
-# of the reference dataset's fingerprint.
-TOKENIZATION_VERSION = "1"
+# Bump when the ids produced for the same text and tokenizer change, or which rows are kept; it is part
+# of the reference dataset's fingerprint. 2: a prompt of no tokens is rejected (dpo.schema.EMPTY_PROMPT).
+TOKENIZATION_VERSION = "2"
 
 # The dataset's own columns (dpo.schema) and what the stream needs besides: where a row
 # belongs, and why it was rejected.
@@ -68,6 +68,10 @@ def tokenize_pair(pair, tokenizer, data: DataConfig) -> TokenizedPair:
             f"prompt too long: {len(prompt_ids)} tokens leave no room for the reply within "
             f"data.max_length={data.max_length}; raise data.max_length or shorten the prompt"
         )
+    try:
+        schema.scored_tokens(len(prompt_ids), len(replies[0]))
+    except schema.EmptyPrompt as exc:
+        raise RowError(str(exc)) from None
     truncated = False
     if len(prompt_ids) > data.max_prompt_length:
         keep = data.max_prompt_length

@@ -12,7 +12,8 @@ from dpo import checkpoint as ckpt
 def publish(root, step, keep=2):
     """What _save does around the shards: an emptied folder, the small states, COMPLETE last."""
     folder = ckpt.begin(str(root), step)
-    ckpt.write_states(folder, scheduler_state={}, rng_states=[], step=step, epoch=0, skipped_batches=0)
+    ckpt.write_states(folder, scheduler_state={}, rng_states=[], step=step, epoch=0, skipped_batches=0,
+                      total_steps=10)
     ckpt.finish(str(root), step, keep)
 
 
@@ -22,7 +23,8 @@ def own(tmp_path):
     for step in (4, 6):
         publish(root, step)
     half = ckpt.begin(str(root), 8)  # its shards were being written when the worker died: no COMPLETE
-    ckpt.write_states(half, scheduler_state={}, rng_states=[], step=8, epoch=0, skipped_batches=0)
+    ckpt.write_states(half, scheduler_state={}, rng_states=[], step=8, epoch=0, skipped_batches=0,
+                      total_steps=10)
     return root
 
 
@@ -41,7 +43,7 @@ def test_a_retried_step_starts_from_an_empty_folder_and_pruning_keeps_the_newest
                                                                         ckpt.STATE]
     assert sorted(p.name for p in own.iterdir()) == ["step-00000006", "step-00000008"]
     assert json.loads((own / "step-00000008" / ckpt.STATE).read_text()) == {"step": 8, "epoch": 0,
-                                                                           "skipped_batches": 0}
+                                                                           "skipped_batches": 0, "total_steps": 10}
 
 
 def test_ray_is_given_a_pointer_without_weights(tmp_path):

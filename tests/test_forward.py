@@ -85,11 +85,11 @@ def test_padded_and_packed_layouts_by_hand():
     assert packed.score_sequence.tolist() == [0, 1, 2, 2, 3]
 
 
-def test_a_reply_without_a_prompt_does_not_score_its_first_token():
-    """Nothing precedes it: in every layout only 8 -> 9 of the reply [8, 9] counts."""
+def test_a_reply_without_a_prompt_is_refused():
+    """Nothing would predict 7, the reply's first token: every layout refuses the pair (tests/test_edges.py)."""
     for layout in LAYOUTS:
-        inputs = lay_out([([], [7, 6], [8, 9])], pad_id=0, layout=layout)
-        assert inputs.score_targets.tolist() == [6, 9], layout
+        with pytest.raises(ValueError, match="empty prompt"):
+            lay_out([([], [7, 6], [8, 9])], pad_id=0, layout=layout)
 
 
 @pytest.fixture(scope="module")

@@ -305,7 +305,7 @@ def test_vllm_prompt_logprobs_refuse_what_does_not_fit():
             prompt_token_logprobs(container, ids + [3], start=1)
         with pytest.raises(ValueError, match="no log-prob for token 8"):
             prompt_token_logprobs(container, [5, 9, 8], start=1)
-        with pytest.raises(ValueError, match="position 0"):
+        with pytest.raises(ValueError, match="empty prompt"):
             prompt_token_logprobs(container, ids, start=0)
 
 
