@@ -13,10 +13,12 @@ what this module does. Where they write, unless the trackers' own environment va
                                            and the last step they were sent
 
 A run that restarts from a checkpoint logs again the steps it took after that checkpoint. TensorBoard drops
-the earlier attempt's events for them (purge_step); W&B and MLflow cannot take a step back (W&B ignores a step
-below its last, MLflow appends a second point), so they are not sent a step again: each step reaches each
-tracker once. Those steps are recomputed from the same checkpoint, seeds and batches, so the values they
-already hold are the ones a rerun gives.
+the earlier attempt's events for them (purge_step). W&B and MLflow cannot take a step back (W&B ignores a
+step below its last, MLflow appends a second point), so each is sent only the steps it does not hold yet:
+MLflow holds a step once it is logged (a synchronous write), W&B once its run is finished (an attempt that
+dies loses what W&B had not written), so a resumed run sends W&B again the steps since its last finish,
+from metrics.jsonl. Each step reaches each tracker once. The steps a tracker keeps from an earlier attempt
+were computed from the same checkpoint, seeds and batches as their rerun.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 from typing import Optional
 
 from dpo import storage
+from dpo.checkpoint import read_metrics
 from dpo.config import Config
 from dpo.errors import UserError
 
@@ -34,7 +37,7 @@ from dpo.errors import UserError
 # (TensorBoard's writer, tensorboardX, is a core requirement.)
 EXTRA_MODULES = {"wandb": ["wandb"], "mlflow": ["mlflow", "sqlalchemy", "alembic"]}
 RUNS_FILE = "tracker_runs.json"
-SENT_THROUGH = "sent_through_step"  # RUNS_FILE's record of the last step W&B and MLflow were sent
+STORED_THROUGH = "stored_through_step"  # RUNS_FILE's record, per tracker, of the last step it holds for certain
 DEFAULT_PROJECT = "raydpo"
 
 
@@ -61,29 +64,52 @@ def mlflow_tracking_uri(train_dir: str) -> Optional[str]:
 
 
 class Trackers:
-    """The trackers rank 0 writes to; on the other ranks, and without train.report_to, none."""
+    """The trackers rank 0 writes to; on the other ranks, and without train.report_to, none.
 
-    def __init__(self, writers: list, runs: Optional[dict] = None, runs_path: Optional[str] = None) -> None:
+    `stored` (kept in RUNS_FILE) is, per tracker, the last step it holds for certain: a run that resumes
+    after step `start` sends W&B and MLflow only what they lack, and TensorBoard what it logged past `start`
+    again (its purge_step drops the earlier attempt's events)."""
+
+    def __init__(self, writers: dict, runs: dict, runs_path: str) -> None:
         self._writers = writers
-        self._runs = runs if runs is not None else {}
+        self._runs = runs
         self._runs_path = runs_path
+
+    @property
+    def _stored(self) -> dict:
+        return self._runs.setdefault(STORED_THROUGH, {})
 
     def log(self, metrics: dict, step: int) -> None:
         """One metrics.jsonl record. Its None values stand for non-finite ones: left out, as in a plot gap."""
         scalars = {key: float(value) for key, value in metrics.items()
                    if key != "step" and isinstance(value, (int, float))}
-        sent = self._runs.get(SENT_THROUGH, 0)
-        for writer in self._writers:
-            if step > sent or writer.replaces_resent_steps:
+        for name, writer in self._writers.items():
+            if writer.replaces_resent_steps or step > self._stored.get(name, 0):
                 writer.log(scalars, step)
-        if self._writers and step > sent:
-            self._runs[SENT_THROUGH] = step
-            storage.write_text(self._runs_path, json.dumps(self._runs))
+                if writer.stores_at_once:
+                    self._stored[name] = max(step, self._stored.get(name, 0))
+        self._save()
+
+    def send_missing(self, records: list[dict], start: int) -> None:
+        """Before a resumed run goes on after step `start`: the records up to it that a tracker may lack (W&B
+        holds what an attempt logged only once that attempt finished its run)."""
+        for name, writer in self._writers.items():
+            for record in records:
+                if self._stored.get(name, 0) < record["step"] <= start and not writer.replaces_resent_steps:
+                    writer.log({k: float(v) for k, v in record.items()
+                                if k != "step" and isinstance(v, (int, float))}, record["step"])
+        self._save()
 
     def close(self) -> None:
-        for writer in self._writers:
+        for name, writer in self._writers.items():
             writer.close()
-        self._writers = []
+            self._stored[name] = max(writer.last_step, self._stored.get(name, 0))
+        self._save()
+        self._writers = {}
+
+    def _save(self) -> None:
+        if self._writers:
+            storage.write_text(self._runs_path, json.dumps(self._runs))
 
 
 def open_trackers(cfg: Config, train_dir: str, rank: int, start: int) -> Trackers:
@@ -91,22 +117,23 @@ def open_trackers(cfg: Config, train_dir: str, rank: int, start: int) -> Tracker
 
     A restarted or resumed run continues the W&B and MLflow runs it began (their ids are kept in
     train/tracker_runs.json, which dpo.launch deletes when a run starts over): one tracker run per
-    training run, however often it restarts.
+    training run, however often it restarts, and each step in each tracker once.
     """
     names = cfg.train.report_to
-    if rank != 0 or not names:
-        return Trackers([])
     runs_path = storage.join(train_dir, RUNS_FILE)
+    if rank != 0 or not names:
+        return Trackers({}, {}, runs_path)
     runs = json.loads(storage.read_text(runs_path)) if storage.exists(runs_path) else {}
-    writers: list = []
+    writers: dict = {}
     if "tensorboard" in names:
-        writers.append(_TensorBoard(cfg, train_dir, start))
+        writers["tensorboard"] = _TensorBoard(cfg, train_dir, start)
     for name, kind in (("wandb", _WandB), ("mlflow", _MLflow)):
         if name in names:
-            writers.append(kind(cfg, train_dir, runs.get(name)))
-            runs[name] = writers[-1].run_id
-    storage.write_text(runs_path, json.dumps(runs))
-    return Trackers(writers, runs, runs_path)
+            writers[name] = kind(cfg, train_dir, runs.get(name))
+            runs[name] = writers[name].run_id
+    trackers = Trackers(writers, runs, runs_path)
+    trackers.send_missing(read_metrics(storage.join(train_dir, "metrics.jsonl")), start)
+    return trackers
 
 
 def _project(cfg: Config, env_var: str) -> str:
@@ -115,6 +142,9 @@ def _project(cfg: Config, env_var: str) -> str:
 
 class _TensorBoard:
     replaces_resent_steps = True  # purge_step drops the earlier attempt's events
+    stores_at_once = True  # flushed at every log
+
+    last_step = 0
 
     def __init__(self, cfg: Config, train_dir: str, start: int) -> None:
         from tensorboardX import SummaryWriter
@@ -129,6 +159,7 @@ class _TensorBoard:
         for key, value in scalars.items():
             self._writer.add_scalar(key, value, step)
         self._writer.flush()
+        self.last_step = step
 
     def close(self) -> None:
         self._writer.close()
@@ -136,6 +167,8 @@ class _TensorBoard:
 
 class _WandB:
     replaces_resent_steps = False
+    stores_at_once = False  # what a run logged is written for certain when it finishes
+    last_step = 0
 
     def __init__(self, cfg: Config, train_dir: str, run_id: Optional[str]) -> None:
         import wandb
@@ -150,6 +183,7 @@ class _WandB:
 
     def log(self, scalars: dict, step: int) -> None:
         self._run.log(scalars, step=step)
+        self.last_step = step
 
     def close(self) -> None:
         self._run.finish()
@@ -157,6 +191,8 @@ class _WandB:
 
 class _MLflow:
     replaces_resent_steps = False
+    stores_at_once = True  # log_metrics returns once its store holds the points
+    last_step = 0
 
     def __init__(self, cfg: Config, train_dir: str, run_id: Optional[str]) -> None:
         import mlflow
@@ -173,6 +209,7 @@ class _MLflow:
         import mlflow
 
         mlflow.log_metrics(scalars, step=step)
+        self.last_step = step
 
     def close(self) -> None:
         import mlflow

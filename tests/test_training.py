@@ -253,8 +253,8 @@ def tensorboard_values(train_dir) -> dict:
             event = Event.FromString(data[at + 12:at + 12 + length])
             at += 12 + length + 4
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
-                # A writer's purge_step: TensorBoard drops what earlier files hold past this step.
-                values = {key: v for key, v in values.items() if key[1] <= event.step}
+                # A writer's purge_step: TensorBoard drops what earlier files hold from this step on.
+                values = {key: v for key, v in values.items() if key[1] < event.step}
             for value in event.summary.value:
                 assert (value.tag, event.step) not in values, (value.tag, event.step)
                 values[value.tag, event.step] = (value.simple_value if value.WhichOneof("value") == "simple_value"
