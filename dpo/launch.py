@@ -36,6 +36,18 @@ from dpo.trackers import RUNS_FILE, check_trackers
 
 log = logging.getLogger("raydpo.train")
 
+# Ray Train's controller polls its workers every 2 s by default, and the worker group's start, each checkpoint
+# report and the run's end each wait for a poll: 10 s of a 35 s fit of 8 steps on 2 CPU workers (measured,
+# docs/benchmarks.md). Every 0.5 s costs the controller two calls a second per worker. A value the user set
+# is kept.
+HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def ray_env_vars() -> dict:
+    """Environment variables for every process of the job's Ray (ray.init's runtime_env), the Train
+    controller among them."""
+    return {HEALTH_CHECK_INTERVAL: os.environ.get(HEALTH_CHECK_INTERVAL, "0.5")}
+
 @dataclass
 class DatasetFolder:
     """A finished dataset folder and its manifest (whose `files` lists the Parquet files)."""

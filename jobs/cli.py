@@ -41,11 +41,13 @@ def init_ray(job_log: JobLog) -> None:
     """Start Ray, or join the cluster under `ray job submit`; a Ray already running is left as it is."""
     import ray
 
+    from dpo.launch import ray_env_vars
+
     if ray.is_initialized():
         return
     job_log.route_ray_loggers()
     # Marks our workers' log lines, which the terminal shows (dpo.worker_logs).
-    runtime_env = {"worker_process_setup_hook": "dpo.worker_logs.mark_our_records"}
+    runtime_env = {"worker_process_setup_hook": "dpo.worker_logs.mark_our_records", "env_vars": ray_env_vars()}
     # Under `ray job submit` RAY_ADDRESS points at the cluster and the job's
     # runtime env already ships the code. A local run starts its own Ray,
     # without the dashboard, which would double start-up time on a laptop.

@@ -52,7 +52,10 @@ def ray_session():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        from dpo.launch import ray_env_vars
+
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": ray_env_vars()})
     yield
     if started:
         ray.shutdown()

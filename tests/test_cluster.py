@@ -76,15 +76,14 @@ def cluster(tmp_path_factory):
 
 
 def end_node(proc: subprocess.Popen) -> None:
-    """Stop a `ray start --block` child: --block ends the processes it started when it is stopped; the group
-    kill covers stragglers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                continue
+    """Stop a `ray start --block` child and every process it started (its raylet, GCS, dashboard and their
+    workers share its process group) at once: a graceful stop took 34 s and saves nothing of a node that
+    is thrown away."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone already
+        pass
+    proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
