@@ -54,7 +54,8 @@ def ray_session():
     if started:
         from dpo.launch import ray_env_vars
 
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+        # "local": a Ray of its own, never a cluster that a test's `ray start` recorded.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": ray_env_vars()})
     yield
     if started:

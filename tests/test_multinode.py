@@ -78,15 +78,21 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory, quickstart_model):
-    """The job on a Ray of its own (one node, this machine's 2 CPUs: the actors take half a CPU each), run
-    before the two nodes start, so that its ray.init() cannot find their cluster and join it."""
-    out = tmp_path_factory.mktemp("one-node")
-    copy_model(quickstart_model, out / "model")  # --build-model quickstart finds it built
-    proc = _job({k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, out / "run", out / "model",
-                "reference.cpus_per_actor=0.5")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+def _one_node(model: str, out: Path) -> Path:
+    """The same job's stages on one node: the suite's own Ray (this machine's 2 CPUs, in this process; the
+    actors take half a CPU each), from the same config and model, without the failure."""
+    from dpo.config import load_config
+    from dpo.launch import train
+    from jobs.train import find_datasets
+    from pipeline.precompute import precompute
+
+    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
+        *(arg for arg in JOB if "=" in arg), f"model.policy={model}", f"run.output_dir={out}",
+        f"data.train_files=[{ROOT / 'examples' / 'data' / 'train.jsonl'}]",
+        f"data.eval_files=[{ROOT / 'examples' / 'data' / 'eval.jsonl'}]", "reference.cpus_per_actor=0.5"])
+    for split in ("train", "eval"):
+        precompute(cfg, split)
+    train(cfg, *find_datasets(cfg))
     return out
 
 
@@ -111,26 +117,31 @@ def _scores(out: Path) -> list[tuple]:
     return sorted(zip(*(table.column(c).to_pylist() for c in (schema.PAIR_ID, *schema.SCORE_COLUMNS))))
 
 
-def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_one_node(one_node, two_nodes,
-                                                                                        tmp_path):
+def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_one_node(two_nodes, tmp_path,
+                                                                                        quickstart_model,
+                                                                                        ray_session):
     """Two nodes: 2 scoring actors (1 CPU each) and 2 training workers (train.placement_strategy=STRICT_SPREAD);
     the rank-1 worker exits at step 9 (debug.fail_at_step) and Ray Train restarts the group from the step-8
     checkpoint. The same job on one node, without the failure, is the yardstick: the reference scores equal
     exactly (the same model and pairs, eager attention, whichever actor scored them), and every step's
-    metrics within 1e-5."""
+    metrics within 1e-5; the run's own record says the restarted group resumed after step 8."""
     out = tmp_path / "run"
-    proc = _job({**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}, out, one_node / "model",
+    model = copy_model(quickstart_model, tmp_path / "model")  # --build-model quickstart finds it built
+    proc = _job({**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}, out, model,
                 "train.placement_strategy=STRICT_SPREAD", "debug.fail_at_step=9")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (out / "train" / ".failed_at_step_9").exists()
+    attempts = [json.loads(line) for line in (out / "train" / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["resumed_after_step"], a["workers"]) for a in attempts] == [(0, 2), (8, 2)]
 
     actors = _placed_actors(two_nodes)
     scorer_nodes = {node for name, shown, node in actors if "ReferenceScorer" in name + shown}
     worker_nodes = {node for name, _, node in actors if "RayTrainWorker" in name}
     assert len(scorer_nodes) == 2 and len(worker_nodes) == 2, actors
 
-    assert _scores(out) == _scores(one_node / "run")
-    got, want = _metrics(out), _metrics(one_node / "run")
+    one_node = _one_node(model, tmp_path / "one-node")
+    assert _scores(out) == _scores(one_node)
+    got, want = _metrics(out), _metrics(one_node)
     assert [m["step"] for m in got] == [m["step"] for m in want] and len(got) >= 10
     for a, b in zip(got, want):
         for key, value in b.items():
