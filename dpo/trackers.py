@@ -10,7 +10,7 @@ what this module does. Where they write, unless the trackers' own environment va
                                            keeps the run there instead of uploading it)
     {output_dir}/train/mlflow.db           MLflow's SQLite store (MLFLOW_TRACKING_URI: a tracking server)
     {output_dir}/train/tracker_runs.json   the W&B and MLflow run ids, so that a resumed run continues them,
-                                           and the last step they were sent
+                                           and the last step each tracker holds
 
 A run that restarts from a checkpoint logs again the steps it took after that checkpoint. TensorBoard drops
 the earlier attempt's events for them (purge_step). W&B and MLflow cannot take a step back (W&B ignores a
@@ -80,15 +80,15 @@ class Trackers:
         return self._runs.setdefault(STORED_THROUGH, {})
 
     def log(self, metrics: dict, step: int) -> None:
-        """One metrics.jsonl record. Its None values stand for non-finite ones: left out, as in a plot gap."""
-        scalars = {key: float(value) for key, value in metrics.items()
-                   if key != "step" and isinstance(value, (int, float))}
+        """One metrics.jsonl record."""
+        stored = dict(self._stored)
         for name, writer in self._writers.items():
             if writer.replaces_resent_steps or step > self._stored.get(name, 0):
-                writer.log(scalars, step)
+                writer.log(_scalars(metrics), step)
                 if writer.stores_at_once:
                     self._stored[name] = max(step, self._stored.get(name, 0))
-        self._save()
+        if self._stored != stored:
+            self._save()
 
     def send_missing(self, records: list[dict], start: int) -> None:
         """Before a resumed run goes on after step `start`: the records up to it that a tracker may lack (W&B
@@ -96,8 +96,7 @@ class Trackers:
         for name, writer in self._writers.items():
             for record in records:
                 if self._stored.get(name, 0) < record["step"] <= start and not writer.replaces_resent_steps:
-                    writer.log({k: float(v) for k, v in record.items()
-                                if k != "step" and isinstance(v, (int, float))}, record["step"])
+                    writer.log(_scalars(record), record["step"])
         self._save()
 
     def close(self) -> None:
@@ -110,6 +109,12 @@ class Trackers:
     def _save(self) -> None:
         if self._writers:
             storage.write_text(self._runs_path, json.dumps(self._runs))
+
+
+def _scalars(record: dict) -> dict:
+    """A metrics.jsonl record's numbers but the step. Its None values stand for non-finite ones: left out, as
+    in a plot gap."""
+    return {key: float(value) for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
 
 
 def open_trackers(cfg: Config, train_dir: str, rank: int, start: int) -> Trackers:
