@@ -27,17 +27,24 @@ class ConfigError(UserError):
     pass
 
 
+# Marks a key (or a whole section) that may change between a run and its resumption (dpo.launch): it does not
+# alter what a step computes. The layout and the logits path change only float rounding (dpo.forward); gradient
+# checkpointing recomputes the same values, dropout's RNG state included; the scoring actors' settings change how
+# the reference scores are computed, not what they are, and a re-scored dataset is compared by its fingerprint.
+RESUMABLE = {"resume_safe": True}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RunConfig(_Section):
-    name: str = "dpo"
-    output_dir: str = "runs/dpo"
+    name: str = Field("dpo", json_schema_extra=RESUMABLE)
+    output_dir: str = Field("runs/dpo", json_schema_extra=RESUMABLE)  # a run folder may be moved
     seed: int = 0
     # A read/tokenize/score stage that writes nothing for this long while tasks or actors wait
     # for resources the cluster does not free fails, naming them (null: wait forever).
-    stall_timeout_s: Optional[float] = Field(600.0, gt=0)
+    stall_timeout_s: Optional[float] = Field(600.0, gt=0, json_schema_extra=RESUMABLE)
 
 
 class DataConfig(_Section):
@@ -48,7 +55,7 @@ class DataConfig(_Section):
     max_prompt_length: int = Field(256, gt=0)
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
     # Input rows per deterministic shard: the unit of resume and of output files.
-    shard_rows: int = Field(1000, gt=0)
+    shard_rows: int = Field(1000, gt=0, json_schema_extra=RESUMABLE)
     # An input file that cannot be read at all: fail the job naming it, or record
     # it in rejects.jsonl and go on with the other files.
     on_unreadable_file: Literal["error", "skip"] = "error"
@@ -86,7 +93,7 @@ class ModelConfig(_Section):
     attn_implementation: Optional[str] = None
     # Scored positions whose full-vocabulary logits exist at once, in training and in hf scoring
     # (dpo.forward): the peak of the output head is this x vocabulary x 4 bytes, however long the batch.
-    logits_chunk_size: int = Field(1024, gt=0)
+    logits_chunk_size: int = Field(1024, gt=0, json_schema_extra=RESUMABLE)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property
@@ -110,23 +117,23 @@ class ModelConfig(_Section):
 
 class ReferenceConfig(_Section):
     backend: Literal["vllm", "hf"] = "hf"
-    num_actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0, ge=0)
-    cpus_per_actor: float = Field(1, gt=0)
-    tensor_parallel_size: int = Field(1, ge=1)
-    batch_tokens: int = Field(16384, gt=0)
+    num_actors: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
+    gpus_per_actor: float = Field(0, ge=0, json_schema_extra=RESUMABLE)
+    cpus_per_actor: float = Field(1, gt=0, json_schema_extra=RESUMABLE)
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
+    batch_tokens: int = Field(16384, gt=0, json_schema_extra=RESUMABLE)
     # Pairs handed to one actor call; the actor re-batches them by length under batch_tokens.
-    pairs_per_call: int = Field(256, gt=0)
+    pairs_per_call: int = Field(256, gt=0, json_schema_extra=RESUMABLE)
     # Times a crashed scoring actor is restarted before the job fails with its cause.
-    max_restarts: int = Field(2, ge=0)
+    max_restarts: int = Field(2, ge=0, json_schema_extra=RESUMABLE)
     # Fraction of GPU memory vLLM may take.
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, json_schema_extra=RESUMABLE)
     # KV cache of each vLLM actor running vLLM's CPU build, GiB. Without it the CPU
     # engine takes gpu_memory_utilization of the node's RAM, and fails where other
     # processes (Ray, the other actors) already hold some.
-    cpu_kv_cache_gib: float = Field(1.0, gt=0)
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, json_schema_extra=RESUMABLE)
     # vLLM's own log level in the scoring actors: its INFO lines run to hundreds per actor.
-    vllm_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    vllm_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", json_schema_extra=RESUMABLE)
 
 
 LossName = str
@@ -139,11 +146,12 @@ _LossKeys = create_model("_LossKeys", __base__=_Section,
 class TrainConfig(_LossKeys):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0, json_schema_extra=RESUMABLE)
     gpus_per_worker: float = Field(1, ge=0)
     # How Ray places the workers' bundles on nodes: PACK fills a node first; SPREAD (STRICT_SPREAD: one per
     # node, or wait) puts them on different nodes, for a node's bandwidth or memory each.
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", json_schema_extra=RESUMABLE)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Checked, with loss_weights and the other loss keys, by dpo.losses.check_loss_config.
     loss_type: Union[LossName, list[LossName]] = "sigmoid"
@@ -156,36 +164,37 @@ class TrainConfig(_LossKeys):
     warmup_steps: int = Field(0, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    max_steps: Optional[int] = Field(None, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(2, ge=0)
-    log_every: int = Field(1, ge=1)
-    eval_every: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
+    checkpoint_every: int = Field(100, ge=1, json_schema_extra=RESUMABLE)
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
+    max_failures: int = Field(2, ge=0, json_schema_extra=RESUMABLE)
+    log_every: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
+    eval_every: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
     # Padding-free packing of a micro-batch into one row; auto turns it on only where
     # it pays: under flash attention, which takes packed position_ids without a dense T x T mask.
     packing: Literal["auto", "on", "off"] = "auto"
     # One row per pair, prompt + chosen + rejected, the prompt computed once (dpo.forward); auto turns it on
     # where it was measured to be faster: on CPU, under eager or sdpa attention (docs/benchmarks.md). On GPU
     # `on` with model.attn_implementation=flex_attention takes its mask without a dense T x T tensor.
-    prefix_sharing: Literal["auto", "on", "off"] = "auto"
+    prefix_sharing: Literal["auto", "on", "off"] = Field("auto", json_schema_extra=RESUMABLE)
     # auto: the output head runs only at the positions that predict a response token, where the model
     # allows it (dpo.forward checks); off: at every position, as a plain forward does.
-    response_logits: Literal["auto", "off"] = "auto"
+    response_logits: Literal["auto", "off"] = Field("auto", json_schema_extra=RESUMABLE)
     # Keep only each decoder layer's input in the forward and recompute the layer in the backward (the model's own
     # gradient_checkpointing_enable, non-reentrant): activation memory of one layer instead of all, for ~1 more forward.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, json_schema_extra=RESUMABLE)
     # Pairs per length-sorted pool from which batches are cut (in global batches).
     length_group_batches: int = Field(8, ge=1)
     on_nonfinite_loss: Literal["error", "skip"] = "error"
     # Experiment trackers that rank 0 logs every metrics record to (dpo/trackers.py: where each one writes).
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list,
+                                                                       json_schema_extra=RESUMABLE)
     # The W&B project and the MLflow experiment; unset: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else raydpo.
-    tracker_project: Optional[str] = None
-    save_policy: bool = True
+    tracker_project: Optional[str] = Field(None, json_schema_extra=RESUMABLE)
+    save_policy: bool = Field(True, json_schema_extra=RESUMABLE)
 
     @model_validator(mode="after")
     def _losses(self) -> "TrainConfig":
@@ -247,7 +256,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    debug: DebugConfig = Field(default_factory=DebugConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig, json_schema_extra=RESUMABLE)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -343,3 +352,16 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> C
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise ConfigError(_describe(first) + suffix) from None
+
+
+def resume_safe(dotted_key: str) -> bool:
+    """Whether the config key `dotted_key` ("train.max_steps") is marked RESUMABLE, itself or its section."""
+    model: Any = Config
+    for part in dotted_key.split("."):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        if (field.json_schema_extra or {}).get("resume_safe"):
+            return True
+        model = field.annotation
+    return False

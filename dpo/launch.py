@@ -4,6 +4,7 @@ The caller (jobs.train) finds the datasets and checks their fingerprints;
 this module turns config + datasets into a run and returns what it produced:
 
     {output_dir}/train/config.yaml      the resolved config
+    {output_dir}/train/datasets.json    the fingerprints of the train and eval datasets it trains on
     {output_dir}/train/metrics.jsonl    one line per logged step
     {output_dir}/train/attempts.jsonl   one line per attempt (a job, or a restart after a worker failure):
                                         the step it resumed after and its number of workers
@@ -16,6 +17,7 @@ this module turns config + datasets into a run and returns what it produced:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,9 +26,9 @@ from typing import Optional
 
 import yaml
 
-from dpo import schema, storage
+from dpo import fingerprint as fpr, schema, storage
 from dpo.checkpoint import complete_steps, newest, read_metrics
-from dpo.config import Config
+from dpo.config import Config, resume_safe
 from dpo.errors import UserError
 from dpo.model_folders import check_max_length, check_model_folder, read_model_config
 from dpo.job_cpus import refuse_unless_fits
@@ -110,17 +112,15 @@ def _check_policy_context(cfg: Config) -> None:
     check_max_length(hf_config, max_length=cfg.data.max_length, key="model.policy", path=cfg.model.policy)
 
 
-# Keys that may change between a run and its resumption: they do not alter what a step computes
-# (the layout and the logits path change only float rounding, dpo.forward; gradient checkpointing recomputes
-# the same values, dropout's RNG state included).
-RESUME_SAFE = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
-               "eval_every", "report_to", "tracker_project", "save_policy", "cpus_per_worker", "prefix_sharing",
-               "response_logits", "gradient_checkpointing", "placement_strategy"}
-RUN_AND_MODEL_RESUME_SAFE = {"name", "logits_chunk_size"}  # run.name, model.logits_chunk_size
+DATASETS_FILE = "datasets.json"  # train/: the fingerprints of the datasets the run trains on
 
 
-def _check_resumable(cfg: Config, train_dir: str) -> None:
-    """Refuse to continue checkpoints that another training config wrote."""
+def _check_resumable(cfg: Config, train_dir: str, datasets: dict) -> None:
+    """Refuse to continue checkpoints written under another config, or trained on other data.
+
+    `datasets`: {"train": fingerprint, "eval": fingerprint or None} of the datasets this run reads. Every
+    config key counts but those marked RESUMABLE (dpo.config); the fingerprints catch what the keys cannot
+    show, such as an input file edited in place and scored again."""
     saved_path = storage.join(train_dir, "config.yaml")
     if not complete_steps(storage.join(train_dir, "checkpoints")) or not storage.exists(saved_path):
         return
@@ -128,14 +128,25 @@ def _check_resumable(cfg: Config, train_dir: str) -> None:
     # A key the saved config lacks was added since that run, which ran with its default.
     default = _dotted(Config().model_dump(mode="json"))
     now = _dotted(cfg.model_dump(mode="json"))
-    safe = {f"train.{k}" for k in RESUME_SAFE} | {f"{section}.{k}" for section in ("model", "run")
-                                                  for k in RUN_AND_MODEL_RESUME_SAFE}
-    changed = [key for key, value in now.items() if key.split(".")[0] in ("train", "model", "run")
-               and key not in safe and saved.get(key, default.get(key)) != value]
+    changed = [key for key, value in now.items() if not resume_safe(key) and saved.get(key, default.get(key)) != value]
     if changed:
         raise UserError(f"{train_dir} holds checkpoints of a run with another {changed[0]}"
                         f"{' (and ' + ', '.join(changed[1:]) + ')' if changed[1:] else ''}, and training resumes "
                         "from them; set it back to resume, or delete that folder (or set run.output_dir) to start over")
+    datasets_path = storage.join(train_dir, DATASETS_FILE)
+    if not storage.exists(datasets_path):  # written by every run since the record exists
+        return
+    trained_on = json.loads(storage.read_text(datasets_path))
+    for split, fingerprint in datasets.items():
+        before = trained_on.get(split)
+        fields = fpr.diff(fingerprint, before) if fingerprint and before else [] if fingerprint == before else [
+            "input_files"]
+        if fields:
+            what = fpr.FIELD_FIXES.get(fields[0], fields[0]).replace("data.train_files", f"data.{split}_files")
+            raise UserError(f"{train_dir} holds checkpoints of a run trained on another {split} dataset "
+                            f"({what}), and training resumes from them; put "
+                            "that data and config back to resume, or delete that folder (or set run.output_dir) "
+                            "to start over")
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
@@ -211,12 +222,15 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
     cfg = _with_absolute_paths(cfg)
     t = cfg.train
     train_dir = storage.join(cfg.run.output_dir, "train")
-    _check_resumable(cfg, train_dir)
+    datasets = {"train": train_data.manifest.get("fingerprint"),
+                "eval": eval_data.manifest.get("fingerprint") if eval_data is not None else None}
+    _check_resumable(cfg, train_dir, datasets)
     if not complete_steps(storage.join(train_dir, "checkpoints")):
         # A run that starts over gets new tracker runs, and its own record of attempts.
         for name in (RUNS_FILE, ATTEMPTS_FILE):
             storage.delete_file(storage.join(train_dir, name))
     cfg.save(storage.join(train_dir, "config.yaml"))
+    storage.write_text(storage.join(train_dir, DATASETS_FILE), json.dumps(datasets, indent=1))
 
     # Held here until fit() returns: a restarted worker gets the data from these again.
     train_pairs = _put_pairs(train_data)

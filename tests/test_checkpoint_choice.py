@@ -57,6 +57,25 @@ def test_fresh_start_when_nothing_exists(tmp_path):
 
 
 
+TRAINED_ON = {"train": {"tokenizer": "t1", "input_files": [{"name": "a.jsonl", "size": 10, "sha256": "aa"}],
+                        "scorer": "hf/float32"},
+              "eval": None}
+
+
+def a_run_with_one_checkpoint(tmp_path, *overrides):
+    """A train folder as dpo.launch.train leaves it after step 3: its config, its datasets' fingerprints, a
+    complete checkpoint."""
+    from dpo.config import load_config
+    from dpo.launch import DATASETS_FILE
+
+    train_dir = tmp_path / "train"
+    (train_dir / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (train_dir / "checkpoints" / "step-00000003" / ckpt.COMPLETE).write_text("{}")
+    load_config(None, [f"run.output_dir={tmp_path}", *overrides]).save(str(train_dir / "config.yaml"))
+    (train_dir / DATASETS_FILE).write_text(json.dumps(TRAINED_ON))
+    return train_dir
+
+
 def test_resume_check_names_a_nested_key_and_takes_an_absent_one_as_its_default(tmp_path):
     """A run with one complete checkpoint. Resuming it with another model.lora.r is refused naming that key;
     a saved config.yaml from before model.lora and train.gradient_checkpointing existed (both absent) resumes
@@ -67,18 +86,74 @@ def test_resume_check_names_a_nested_key_and_takes_an_absent_one_as_its_default(
     from dpo.errors import UserError
     from dpo.launch import _check_resumable
 
-    train_dir = tmp_path / "train"
-    (train_dir / "checkpoints" / "step-00000003").mkdir(parents=True)
-    (train_dir / "checkpoints" / "step-00000003" / ckpt.COMPLETE).write_text("{}")
-    saved = load_config(None, [f"run.output_dir={tmp_path}", "model.lora.enabled=true"])
-    saved.save(str(train_dir / "config.yaml"))
+    train_dir = a_run_with_one_checkpoint(tmp_path, "model.lora.enabled=true")
     with pytest.raises(UserError, match=r"another model\.lora\.r, and training resumes"):
         _check_resumable(load_config(None, [f"run.output_dir={tmp_path}", "model.lora.enabled=true",
-                                            "model.lora.r=8"]), str(train_dir))
+                                            "model.lora.r=8"]), str(train_dir), TRAINED_ON)
     _check_resumable(load_config(None, [f"run.output_dir={tmp_path}", "model.lora.enabled=true",
-                                        "train.gradient_checkpointing=true"]), str(train_dir))
+                                        "train.gradient_checkpointing=true"]), str(train_dir), TRAINED_ON)
 
     old = load_config(None, [f"run.output_dir={tmp_path}"]).model_dump(mode="json")
     del old["model"]["lora"], old["train"]["gradient_checkpointing"]
     (train_dir / "config.yaml").write_text(yaml.safe_dump(old))
-    _check_resumable(load_config(None, [f"run.output_dir={tmp_path}"]), str(train_dir))
+    _check_resumable(load_config(None, [f"run.output_dir={tmp_path}"]), str(train_dir), TRAINED_ON)
+
+
+@pytest.mark.parametrize("override", ["data.max_length=384", "data.truncation=keep_start", "data.eval_files=[e.jsonl]",
+                                      "data.format=explicit", "reference.backend=vllm", "run.seed=1",
+                                      "model.dtype=bfloat16", "train.length_group_batches=2"])
+def test_a_resume_that_would_compute_other_steps_is_refused_naming_the_key(tmp_path, override):
+    """Every key that alters what a step computes, in any section (data.* and reference.* among them), is
+    compared with the saved run's: each override here is refused, naming its key."""
+    from dpo.config import load_config
+    from dpo.errors import UserError
+    from dpo.launch import _check_resumable
+
+    train_dir = a_run_with_one_checkpoint(tmp_path)
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"another {key}\b.*set it back to resume"):
+        _check_resumable(load_config(None, [f"run.output_dir={tmp_path}", override]), str(train_dir), TRAINED_ON)
+
+
+def test_keys_marked_resumable_may_change_on_resume(tmp_path):
+    """The keys marked RESUMABLE in dpo.config change how a step runs, not what it computes: all of these at
+    once resume (the fault injection's debug.* as a section; the scoring actors' settings; a moved folder)."""
+    from dpo.config import load_config
+    from dpo.launch import _check_resumable
+
+    train_dir = a_run_with_one_checkpoint(tmp_path)
+    _check_resumable(load_config(None, [
+        f"run.output_dir={tmp_path / 'moved'}", "run.name=again", "run.stall_timeout_s=60", "data.shard_rows=10",
+        "model.logits_chunk_size=8", "reference.num_actors=3", "reference.batch_tokens=64",
+        "reference.max_restarts=0", "train.max_steps=9", "train.epochs=3", "train.checkpoint_every=2",
+        "train.max_failures=0", "train.prefix_sharing=off", "train.response_logits=off",
+        "train.gradient_checkpointing=true", "train.report_to=[tensorboard]", "train.cpus_per_worker=2",
+        "debug.fail_at_step=5"]), str(train_dir), TRAINED_ON)
+
+
+@pytest.mark.parametrize("split, field, named", [
+    ("train", "input_files", r"data\.train_files"), ("train", "scorer", r"reference\.backend"),
+    ("train", "tokenizer", r"model\.tokenizer"), ("eval", "input_files", r"data\.eval_files")])
+def test_a_resume_on_rescored_data_is_refused_by_its_fingerprint(tmp_path, split, field, named):
+    """The config the same, the data not: an input file edited in place (same name, other content) and
+    scored again, a re-scoring by another vLLM build, another tokenizer file. The datasets' fingerprints,
+    recorded when the run started (train/datasets.json), differ from the ones training now reads: refused,
+    naming what differs and the key behind it. The same fingerprints resume."""
+    import copy
+
+    from dpo.config import load_config
+    from dpo.errors import UserError
+    from dpo.launch import _check_resumable
+
+    train_dir = a_run_with_one_checkpoint(tmp_path)
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    _check_resumable(cfg, str(train_dir), copy.deepcopy(TRAINED_ON))
+    now = copy.deepcopy(TRAINED_ON)
+    if now[split] is None:
+        now[split] = copy.deepcopy(now["train"])
+    elif field == "input_files":
+        now[split][field][0]["sha256"] = "bb"
+    else:
+        now[split][field] = "other"
+    with pytest.raises(UserError, match=rf"trained on another {split} dataset \(.*{named}.*start over"):
+        _check_resumable(cfg, str(train_dir), now)

@@ -459,12 +459,32 @@ def test_skipped_batches_survive_a_restart(base, tmp_path):
 
 
 def test_resuming_under_another_config_is_refused(base, two_workers):
+    """two_workers' checkpoints, resumed under another learning rate: refused naming it. Under another
+    data.max_length, with the data scored again for it (its manifest's fingerprint is that config's): refused
+    naming the key. Under the same config, on a train dataset whose input file was edited in place and scored
+    again (the same name and config, another content hash): refused by train/datasets.json's fingerprints."""
+    import copy
+
     cfg, _, _ = two_workers
     overrides, _ = base
-    changed = load_config(None, overrides + TRAIN + [f"run.output_dir={cfg.run.output_dir}", "train.num_workers=2",
-                                                     "train.batch_size=4", "train.learning_rate=1e-4"])
+    same = overrides + TRAIN + [f"run.output_dir={cfg.run.output_dir}", "train.num_workers=2", "train.batch_size=4"]
+    changed = load_config(None, same + ["train.learning_rate=1e-4"])
     with pytest.raises(UserError, match="train.learning_rate"):
         train(changed, *find_datasets(changed))
+
+    def rescored(change):
+        folders = find_datasets(load_config(None, same))
+        for folder in folders:
+            folder.manifest = copy.deepcopy(folder.manifest)
+            change(folder.manifest["fingerprint"])
+        return folders
+
+    longer = load_config(None, same + ["data.max_length=96"])
+    with pytest.raises(UserError, match=r"another data\.max_length, and training resumes"):
+        train(longer, *rescored(lambda fp: fp.update(max_length=96)))
+    edited = load_config(None, same)
+    with pytest.raises(UserError, match=r"another train dataset \(the input files \(data\.train_files\) differ"):
+        train(edited, *rescored(lambda fp: fp["input_files"][0].update(sha256="0" * 32)))
 
 
 # FSDP2 over gloo, two micro-steps of 2 pairs per worker: the same global batches of 8 as two_workers.
