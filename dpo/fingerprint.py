@@ -16,7 +16,7 @@ from typing import Optional
 from dpo.config import Config
 from dpo.errors import UserError
 from dpo.model_folders import check_model_folder, tokenizer_files
-from dpo.storage import read_text, join, exists
+from dpo.storage import exists, is_uri, join, read_text, resolve
 
 MANIFEST = "_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -32,19 +32,23 @@ class IncompleteDataset(UserError):
 
 
 def _sha256_file(path: str) -> str:
-    """Full content hash, cached on (path, size, mtime): weights of a 70B model take minutes to hash."""
-    st = os.stat(path)
-    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    """Full content hash, cached on (path, size, mtime): weights of a 70B model take minutes to hash. A URI
+    (s3://, gs://, ...) is read through its filesystem; its store's mtime is the time the object was
+    written, so an object replaced in place is hashed again. A store that gives no mtime is hashed each time."""
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    mtime = info.mtime_ns
+    key = f"{path if is_uri(path) else os.path.abspath(path)}|{info.size}|{mtime}"
     cache: dict = {}
     try:
         with open(_CACHE, encoding="utf-8") as fh:
             cache = json.load(fh)
     except (OSError, ValueError):
         pass
-    if key in cache:
+    if mtime is not None and key in cache:
         return cache[key]
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with fs.open_input_stream(inner) as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     cache[key] = h.hexdigest()
@@ -97,17 +101,12 @@ def tokenizer_hashes(tokenizer_dir: str, key: str = "model.tokenizer") -> tuple[
 
 
 def input_files_hash(files: list[str]) -> list[dict]:
-    from dpo.storage import is_uri, resolve
-
+    """Each input file's name, size and content hash, local or on an object store alike."""
     out = []
     for path in files:
-        if is_uri(path):
-            fs, p = resolve(path)
-            info = fs.get_file_info(p)
-            out.append({"name": os.path.basename(p), "size": info.size, "sha256": None})
-        else:
-            out.append({"name": os.path.basename(path), "size": os.path.getsize(path),
-                        "sha256": _sha256_file(path)[:32]})
+        fs, inner = resolve(path)
+        out.append({"name": os.path.basename(inner), "size": fs.get_file_info(inner).size,
+                    "sha256": _sha256_file(path)[:32]})
     return out
 
 

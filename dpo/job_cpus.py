@@ -1,4 +1,4 @@
-"""The CPUs a job can use: those free when it joined Ray, not the cluster's total.
+"""The CPUs and GPUs a job can use: those free when it joined Ray, not the cluster's total.
 
 Under `ray job submit --entrypoint-num-cpus N` the driver's supervisor holds N
 CPUs for the whole job, and `ray.cluster_resources()` still counts them; so do
@@ -21,7 +21,7 @@ from dpo.errors import UserError
 
 
 @dataclass(frozen=True)
-class JobCpus:
+class JobResource:
     free: float
     total: float
 
@@ -30,43 +30,46 @@ class JobCpus:
         return self.total - self.free
 
 
-_free_at_start: dict[str, float] = {}  # by Ray job id
+_free_at_start: dict[str, dict[str, float]] = {}  # by Ray job id, by resource (CPU, GPU)
 
 
 def note_free_cpus() -> None:
     import ray
 
-    _free_at_start[ray.get_runtime_context().get_job_id()] = ray.available_resources().get("CPU", 0.0)
+    free = ray.available_resources()
+    _free_at_start[ray.get_runtime_context().get_job_id()] = {name: free.get(name, 0.0) for name in ("CPU", "GPU")}
 
 
-def job_cpus() -> Optional[JobCpus]:
-    """This Ray job's CPUs; None without Ray, or on a cluster that has none yet (an autoscaler adds them)."""
+def job_resource(name: str = "CPU") -> Optional[JobResource]:
+    """This Ray job's CPUs (or GPUs); None without Ray, or on a cluster that has none yet (an autoscaler adds
+    them; a wait for them is then run.stall_timeout_s's, dpo.stall)."""
     import ray
 
     if not ray.is_initialized():
         return None
-    total = ray.cluster_resources().get("CPU", 0.0)
+    total = ray.cluster_resources().get(name, 0.0)
     if not total:
         return None
-    free = _free_at_start.get(ray.get_runtime_context().get_job_id(), total)
-    return JobCpus(free=min(free, total), total=total)
+    free = _free_at_start.get(ray.get_runtime_context().get_job_id(), {}).get(name, total)
+    return JobResource(free=min(free, total), total=total)
 
 
-def refuse_unless_fits(need: float, what: str, lower: str, fixed: float = 0.0) -> None:
-    """Refuse a plan of `need` CPUs (`what` says what takes them) that this job's CPUs cannot hold.
+def refuse_unless_fits(need: float, what: str, lower: str, fixed: float = 0.0, resource: str = "CPU") -> None:
+    """Refuse a plan of `need` CPUs or GPUs (`what` says what takes them) that this job's cannot hold.
 
-    `lower` names the keys that shrink the plan, down to `fixed` CPUs that no key
+    `lower` names the keys that shrink the plan, down to `fixed` that no key
     removes. The message says who holds the rest and offers each fix that can
-    work: a smaller plan, the driver sharing its CPUs, more CPUs.
+    work: a smaller plan, the driver sharing its CPUs, more of the resource.
     """
-    cpus = job_cpus()
-    if cpus is None or need <= cpus.free + 1e-9:
+    have = job_resource(resource)
+    if have is None or need <= have.free + 1e-9:
         return
-    held = (f" ({cpus.held:g} held already: by this job's driver under ray job submit --entrypoint-num-cpus, "
-            "or by other jobs)" if cpus.held > 0 else "")
-    fixes = [f"lower {lower} (to {cpus.free - fixed:g} CPUs in all)"] if cpus.free - fixed > 1e-9 else []
-    if cpus.held > 0:
+    held = (f" ({have.held:g} held already: by this job's driver under ray job submit --entrypoint-num-cpus, "
+            "or by other jobs)" if have.held > 0 and resource == "CPU" else
+            f" ({have.held:g} held already, by other jobs)" if have.held > 0 else "")
+    fixes = [f"lower {lower} (to {have.free - fixed:g} {resource}s in all)"] if have.free - fixed > 1e-9 else []
+    if have.held > 0 and resource == "CPU":
         fixes.append("submit with --entrypoint-num-cpus 0 (the driver then shares its CPUs)")
-    fixes.append("add CPUs to the cluster")
-    raise UserError(f"{what} need {need:g} CPUs, but this job can use {cpus.free:g} of the cluster's "
-                    f"{cpus.total:g}{held}, so it would wait forever; {', or '.join(fixes)}")
+    fixes.append(f"add {resource}s to the cluster")
+    raise UserError(f"{what} need {need:g} {resource}s, but this job can use {have.free:g} of the cluster's "
+                    f"{have.total:g}{held}, so it would wait forever; {', or '.join(fixes)}")

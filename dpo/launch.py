@@ -17,12 +17,13 @@ this module turns config + datasets into a run and returns what it produced:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import yaml
 
@@ -84,14 +85,74 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
                         "(on GPU), sdpa or eager, or set train.prefix_sharing=off")
     check_lora_targets(cfg, read_model_config(cfg.model.policy, "model.policy", cfg.model.trust_remote_code))
     check_trackers(cfg)
-    refuse_unless_fits(t.num_workers * t.cpus_per_worker,
-                       f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
-                       f"{t.cpus_per_worker:g})", lower="train.num_workers or train.cpus_per_worker")
-    _check_strict_spread(t)
+    refuse_unless_training_fits(cfg)
     global_batch = t.batch_size * t.num_workers * t.grad_accum
     if train.pairs < global_batch:
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
                         "(train.batch_size x train.num_workers x train.grad_accum); lower one of them")
+
+
+def refuse_unless_training_fits(cfg: Config) -> None:
+    """The worker group's CPUs and GPUs, counted against what this job can use, and its placement: Ray Train
+    would retry the group's start without end. Checked again by jobs.pipeline before its first stage."""
+    t = cfg.train
+    refuse_unless_fits(t.num_workers * t.cpus_per_worker,
+                       f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
+                       f"{t.cpus_per_worker:g})", lower="train.num_workers or train.cpus_per_worker")
+    if t.use_gpu:
+        refuse_unless_fits(t.num_workers * t.gpus_per_worker,
+                           f"the training workers (train.num_workers={t.num_workers} x train.gpus_per_worker="
+                           f"{t.gpus_per_worker:g}, train.use_gpu)", resource="GPU",
+                           lower="train.num_workers or train.gpus_per_worker")
+    _check_strict_spread(t)
+
+
+def worker_bundle(cfg: Config) -> dict:
+    """What each training worker asks Ray for."""
+    t = cfg.train
+    return {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+
+
+# How long Ray Train waits for a worker group's workers before it gives that start up (60 s by default).
+START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def _start_bounded_by_stall_timeout(cfg: Config) -> Iterator[int]:
+    """Ray Train retries a worker group's start without end while the cluster cannot place it (no GPU, CPUs
+    another job holds): each start attempt times out and counts as a controller failure, of which it allows
+    any number. Here one attempt lasts run.stall_timeout_s and none is retried, so such a run fails after that
+    long; the caller names what it waited for. Yields the controller_failure_limit for the FailureConfig.
+    A group that starts and later fails is restarted under train.max_failures, as before. Ray Train reads
+    the variable from the driver's environment when fit() starts; a value the user set is kept."""
+    timeout = cfg.run.stall_timeout_s
+    if timeout is None:
+        yield -1
+        return
+    previous = os.environ.get(START_TIMEOUT)
+    os.environ.setdefault(START_TIMEOUT, f"{timeout:g}")
+    try:
+        yield 0
+    finally:
+        if previous is None:
+            os.environ.pop(START_TIMEOUT, None)
+
+
+def _group_start_failure(cfg: Config, error: BaseException) -> Optional[UserError]:
+    """The one line for a fit that failed because its worker group never started, else None."""
+    failure = getattr(error, "controller_failure", None)  # ray.train.ControllerError's cause
+    if type(failure).__name__ != "WorkerGroupStartupTimeoutError":
+        return None
+    import ray
+
+    t, bundle = cfg.train, worker_bundle(cfg)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g}" for name in bundle)
+    asked = "{" + ", ".join(f"{name}: {amount:g}" for name, amount in bundle.items()) + "}"
+    return UserError(f"run.stall_timeout_s: training's worker group ({t.num_workers} x {asked}) did not start "
+                     f"within {float(os.environ.get(START_TIMEOUT, 0)):g} s (free: {have}); free or add resources, "
+                     "ask for fewer (train.num_workers, train.cpus_per_worker, train.gpus_per_worker or "
+                     "train.use_gpu), or raise run.stall_timeout_s (null: wait forever)")
 
 
 def _check_strict_spread(t) -> None:
@@ -235,25 +296,31 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
     # Held here until fit() returns: a restarted worker gets the data from these again.
     train_pairs = _put_pairs(train_data)
     eval_pairs = _put_pairs(eval_data) if eval_data is not None else None
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
-        train_loop_config={"config": cfg.model_dump(mode="json"), "train_pairs": train_pairs,
-                           "eval_pairs": eval_pairs},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=t.placement_strategy),
-        run_config=RunConfig(
-            name="ray",
-            storage_path=train_dir if storage.is_uri(train_dir) else os.path.abspath(train_dir),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        ),
-    )
-    started = time.time()
-    result = trainer.fit()
+    with _start_bounded_by_stall_timeout(cfg) as controller_failure_limit:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
+            train_loop_config={"config": cfg.model_dump(mode="json"), "train_pairs": train_pairs,
+                               "eval_pairs": eval_pairs},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker=worker_bundle(cfg),
+                                         placement_strategy=t.placement_strategy),
+            run_config=RunConfig(
+                name="ray",
+                storage_path=train_dir if storage.is_uri(train_dir) else os.path.abspath(train_dir),
+                failure_config=FailureConfig(max_failures=t.max_failures,
+                                             controller_failure_limit=controller_failure_limit),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            ),
+        )
+        started = time.time()
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            stalled = _group_start_failure(cfg, exc)
+            if stalled is None:
+                raise
+            raise stalled from None
     if result.return_value is not None:  # what stopped training (dpo.train_loop.train_loop_per_worker)
         raise UserError(result.return_value)
     final = dict(result.metrics or {})

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 PAIR_ID = "pair_id"
 PROMPT_IDS = "prompt_ids"
-CHOSEN_IDS = "chosen_ids"       # the response tokens only, EOS included
+CHOSEN_IDS = "chosen_ids"       # the response tokens only, EOS included (a reply cut to fit: its start, no EOS)
 REJECTED_IDS = "rejected_ids"
 PROMPT_LENGTH = "prompt_length"
 CHOSEN_LENGTH = "chosen_length"
@@ -28,6 +28,9 @@ FILE = "file"                   # the input file and line the pair came from
 LINE = "line"
 REF_CHOSEN_LOGP = "ref_chosen_logp"      # sum over the response of log pi_ref(token | all before it)
 REF_REJECTED_LOGP = "ref_rejected_logp"
+# Not stored: the scoring actor's node, counted per shard into the manifest's `scored_on` (pipeline.manifest),
+# the record of where each dataset was scored.
+SCORED_ON = "scored_on"
 
 TOKEN_IDS = pa.list_(pa.int32())
 

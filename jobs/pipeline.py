@@ -15,6 +15,7 @@ import logging
 import time
 
 from dpo.config import Config
+from dpo.launch import refuse_unless_training_fits
 from dpo.errors import UserError
 from jobs import train as train_job
 from jobs.cli import job
@@ -51,6 +52,7 @@ def before_ray(cfg: Config, args) -> None:
 def main(argv=None) -> None:
     started = time.time()
     with job("pipeline", argv, __doc__, extra=_flags, before_ray=before_ray) as (cfg, args):
+        refuse_unless_training_fits(cfg)  # before the stages, not after an hour of scoring
         kind = train_job.dataset_kind(cfg)
         stage = precompute if kind == "reference" else prepare
         for split in ["train"] + (["eval"] if cfg.data.eval_files else []):

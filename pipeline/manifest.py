@@ -115,6 +115,8 @@ class ShardWriter:
                           for r in kept),
             "rejects": rejects,
         }
+        if self.scored:
+            marker["scored_on"] = dict(collections.Counter(r[schema.SCORED_ON] for r in kept))
         storage.write_text(storage.join(self.folder, SHARDS, f"{shard}.json"), json.dumps(marker))
         self.done.add(shard)
         self.committed += 1
@@ -163,6 +165,11 @@ def finalize(folder: str, expected: dict[str, int], file_rejects: list[dict], ma
         "response_tokens": sum(m["response_tokens"] for m in markers.values()),
     }
     assert counts["read"] == counts["kept"] + counts["rejected"], counts
+    scored_on = collections.Counter()
+    for marker in markers.values():
+        scored_on.update(marker.get("scored_on", {}))
+    if scored_on:
+        manifest["scored_on"] = dict(sorted(scored_on.items()))
     manifest = {**manifest, "counts": counts, "files": parts, "shards": len(markers),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=1))

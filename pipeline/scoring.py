@@ -300,6 +300,10 @@ class ReferenceScorer:
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
                 logits_chunk_size=cfg.model.logits_chunk_size,
                 device="cuda" if ref.gpus_per_actor > 0 else "cpu")
+        import ray
+
+        # Called outside Ray (a test, a notebook), the runtime context would start a Ray of its own.
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.fail_after = cfg.debug.fail_scoring_after_batches
         self.fail_marker = fail_marker
         self.batches = 0
@@ -321,7 +325,7 @@ class ReferenceScorer:
         scored = {schema.REF_CHOSEN_LOGP: ref_chosen, schema.REF_REJECTED_LOGP: ref_rejected}
         for column in schema.SCORES:
             batch = batch.append_column(column, pa.array(scored[column.name], column.type))
-        return batch
+        return batch.append_column(schema.SCORED_ON, pa.array([self.node] * batch.num_rows, pa.string()))
 
 
 # --------------------------------------------------------------------------- driver side

@@ -63,7 +63,7 @@ def cluster(tmp_path_factory):
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--metrics-export-port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+           f"--metrics-export-port={free_port()}", "--num-cpus=2", "--num-gpus=1", "--include-dashboard=true",
            f"--temp-dir={tmp_path_factory.mktemp('ray')}"]
     log = open(home / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -176,6 +176,22 @@ def test_the_readme_command_on_2_cpus_is_refused_up_front_naming_the_fix(cluster
         "job's driver under ray job submit --entrypoint-num-cpus, or by other jobs), so it would wait forever; "
         "submit with --entrypoint-num-cpus 0 (the driver then shares its CPUs), or add CPUs to the cluster")
     assert not (tmp_path / "run" / "reference").exists(), "refused before the stage started"
+
+
+def test_training_workers_that_need_more_gpus_than_the_cluster_has_are_refused_before_any_stage(cluster, model_dir,
+                                                                                                   tmp_path):
+    """The cluster declares 1 GPU (`ray start --num-gpus=1`: a count, which is all the check reads);
+    train.use_gpu with 2 workers of 1 GPU each needs 2. Ray Train would retry the group's start without end,
+    after the scoring; the pipeline job refuses the plan before its first stage, naming the keys."""
+    proc = submit(cluster, cluster["env"], ["python", "-m", "jobs.pipeline", "--config", "configs/quickstart.yaml",
+                                            "--build-model", "quickstart", f"model.policy={model_dir}",
+                                            f"run.output_dir={tmp_path / 'run'}", "train.use_gpu=true"], timeout=600)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    assert error_line(proc.stdout + proc.stderr) == (
+        "error: the training workers (train.num_workers=2 x train.gpus_per_worker=1, train.use_gpu) need 2 GPUs, "
+        "but this job can use 1 of the cluster's 1, so it would wait forever; lower train.num_workers or "
+        "train.gpus_per_worker (to 1 GPUs in all), or add GPUs to the cluster")
+    assert not (tmp_path / "run" / "reference").exists(), "refused before the first stage"
 
 
 def test_a_stall_the_check_cannot_foresee_fails_the_stage_naming_what_waits(cluster, model_dir, tmp_path):

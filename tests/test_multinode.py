@@ -8,6 +8,7 @@ ended by the module's finalizer (never `ray stop`, which would stop every Ray on
 actor ran comes from Ray's own state API (`ray.util.state.list_actors`), not from our logs.
 """
 
+import collections
 import json
 import os
 import subprocess
@@ -23,7 +24,11 @@ from test_cluster import BIN, ROOT, end_node, free_port, wait_for
 pytestmark = pytest.mark.slow
 
 # Two actors, two workers, 12 steps of the quickstart (8 pairs a worker), a checkpoint every 4.
+# One scoring pool, the train pairs', in calls of 50 pairs. The quickstart's 200 held-out pairs, scored by a
+# second pool, went to one of its 2 actors in each of 3 runs (a pool starts scoring with the actors it has),
+# so their pool is left out: the pool that scores 1,000 pairs is the one whose spread the test can see.
 JOB = ["--config", "configs/quickstart.yaml", "--build-model", "quickstart", "reference.num_actors=2",
+       "data.shard_rows=50", "reference.pairs_per_call=50", "data.eval_files=[]",
        "train.num_workers=2", "train.max_steps=12", "train.log_every=1", "train.checkpoint_every=4",
        "train.max_failures=1"]
 
@@ -88,20 +93,18 @@ def _one_node(model: str, out: Path) -> Path:
 
     cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
         *(arg for arg in JOB if "=" in arg), f"model.policy={model}", f"run.output_dir={out}",
-        f"data.train_files=[{ROOT / 'examples' / 'data' / 'train.jsonl'}]",
-        f"data.eval_files=[{ROOT / 'examples' / 'data' / 'eval.jsonl'}]", "reference.cpus_per_actor=0.5"])
-    for split in ("train", "eval"):
-        precompute(cfg, split)
+        f"data.train_files=[{ROOT / 'examples' / 'data' / 'train.jsonl'}]", "reference.cpus_per_actor=0.5"])
+    precompute(cfg, "train")
     train(cfg, *find_datasets(cfg))
     return out
 
 
 def _placed_actors(cluster: dict) -> list[list]:
-    """[class name, repr name, node id] of every actor the cluster placed, from Ray's state API. Asked from a
-    process of the cluster's environment: this one's carries the suite's Ray token. An actor Ray Data asked
-    for and never needed has no node (None) and is left out."""
+    """[class name, placement group id, node id] of every actor the cluster placed, from Ray's state API.
+    Asked from a process of the cluster's environment: this one's carries the suite's Ray token. An actor Ray
+    Data asked for and never needed has no node (None) and is left out."""
     ask = ("import json, sys; from ray.util.state import list_actors; print(json.dumps([[a.class_name or '', "
-           "a.repr_name or '', a.node_id] for a in list_actors(address=sys.argv[1], detail=True, limit=1000)]))")
+           "a.placement_group_id, a.node_id] for a in list_actors(address=sys.argv[1], detail=True, limit=1000)]))")
     proc = subprocess.run([sys.executable, "-c", ask, cluster["address"]], env=cluster["env"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -121,6 +124,7 @@ def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_o
                                                                                         quickstart_model,
                                                                                         ray_session):
     """Two nodes: 2 scoring actors (1 CPU each) and 2 training workers (train.placement_strategy=STRICT_SPREAD);
+    the scoring pool and each worker group span both nodes;
     the rank-1 worker exits at step 9 (debug.fail_at_step) and Ray Train restarts the group from the step-8
     checkpoint. The same job on one node, without the failure, is the yardstick: the reference scores equal
     exactly (the same model and pairs, eager attention, whichever actor scored them), and every step's
@@ -134,10 +138,17 @@ def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_o
     attempts = [json.loads(line) for line in (out / "train" / "attempts.jsonl").read_text().splitlines()]
     assert [(a["resumed_after_step"], a["workers"]) for a in attempts] == [(0, 2), (8, 2)]
 
-    actors = _placed_actors(two_nodes)
-    scorer_nodes = {node for name, shown, node in actors if "ReferenceScorer" in name + shown}
-    worker_nodes = {node for name, _, node in actors if "RayTrainWorker" in name}
-    assert len(scorer_nodes) == 2 and len(worker_nodes) == 2, actors
+    # The scoring pool on both nodes, by the dataset's own record of where its pairs were scored; each worker
+    # group (the first attempt's and the restarted one) on both nodes.
+    manifest = json.loads((out / "reference" / "_manifest.json").read_text())
+    assert len(manifest["scored_on"]) == 2 and sum(manifest["scored_on"].values()) == manifest["counts"]["kept"], (
+        manifest["scored_on"])
+    assert not (out / "reference_eval").exists()
+    groups = collections.defaultdict(set)
+    for name, group, node in _placed_actors(two_nodes):
+        if "RayTrainWorker" in name:
+            groups[group].add(node)
+    assert len(groups) == 2 and all(len(nodes) == 2 for nodes in groups.values()), groups
 
     one_node = _one_node(model, tmp_path / "one-node")
     assert _scores(out) == _scores(one_node)

@@ -231,6 +231,27 @@ def test_a_dataset_scored_in_another_dtype_is_refused(clean, tiny_model):
         precompute(other)
 
 
+def test_input_files_on_an_object_store_are_fingerprinted_by_their_content(tmp_path, monkeypatch):
+    """An input file named by URI (file:// here: the same pyarrow filesystem path as s3:// or gs://) is
+    hashed by content, as a local path is, to the same value. Swapping a pair's chosen and rejected keeps
+    the file's name and byte count, and used to keep its fingerprint (name and size only, so the old scores
+    were reused); now the fingerprint differs, and a dataset made from the old file is refused, naming
+    data.train_files."""
+    monkeypatch.setattr(fpr, "_CACHE", str(tmp_path / "hashes.json"))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n")
+    uri = f"file://{data}"
+    before = fpr.input_files_hash([uri])
+    assert before == fpr.input_files_hash([str(data)]) and before[0]["sha256"] is not None
+    stat = data.stat()
+    data.write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 5", "rejected": " 4"}) + "\n")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # a rewrite's mtime, on any clock
+    after = fpr.input_files_hash([uri])
+    assert after[0]["size"] == before[0]["size"] and after[0]["sha256"] != before[0]["sha256"]
+    with pytest.raises(fpr.FingerprintMismatch, match=r"the input files \(data\.train_files\) differ"):
+        fpr.check(str(tmp_path), {"input_files": after}, manifest={"fingerprint": {"input_files": before}})
+
+
 def test_a_model_that_cannot_load_fails_before_scoring(tmp_path, tiny_model):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)

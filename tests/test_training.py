@@ -29,6 +29,7 @@ from dpo.forward import PolicyLogps, sequence_logps
 from dpo.launch import train
 from jobs.train import find_datasets
 from pipeline.precompute import precompute
+from conftest import copy_model
 
 pytestmark = pytest.mark.slow
 
@@ -456,6 +457,44 @@ def test_skipped_batches_survive_a_restart(base, tmp_path):
                         "train.on_nonfinite_loss=skip", "debug.fail_at_step=5", "train.max_failures=1",
                         "train.save_policy=false")
     assert [m["skipped_batches"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+
+
+def test_reference_free_losses_train_from_prepared_through_the_pipeline_job(quickstart_model, tmp_path):
+    """jobs.pipeline with train.loss_type [simpo, sft], which need no reference: the job prepares the pairs
+    (tokens, no scores) into prepared/, never scores (no reference/ folder), and trains 3 steps from prepared/
+    on 2 workers: every step logged once with a finite loss, train/datasets.json holds the prepared dataset's
+    fingerprint (no reference model in it), the policy is exported."""
+    from jobs import pipeline
+
+    out = tmp_path / "run"
+    pipeline.main(["--config", str(Path(EXAMPLES, "..", "..", "configs", "quickstart.yaml")),
+                   f"model.policy={copy_model(quickstart_model, tmp_path / 'model')}", f"run.output_dir={out}",
+                   "train.loss_type=[simpo, sft]", "train.max_steps=3", "train.log_every=1", "data.eval_files=[]",
+                   "train.checkpoint_every=3"])
+    prepared = read_manifest(str(out / "prepared"))
+    assert prepared["layout"]["scored"] is False and prepared["counts"]["kept"] == 1000
+    assert not (out / "reference").exists()
+    trained_on = json.loads((out / "train" / "datasets.json").read_text())
+    assert trained_on == {"train": prepared["fingerprint"], "eval": None}
+    assert trained_on["train"]["reference_model"] is None
+    metrics = read_metrics(str(out / "train" / "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert (out / "train" / "policy" / "model.safetensors").exists()
+
+
+def test_a_worker_group_that_cannot_start_fails_naming_what_it_waits_for(base, tmp_path):
+    """train.use_gpu on the suite's Ray, which has no GPU: not refused up front (a cluster without any GPU may
+    be one whose autoscaler adds GPU nodes), so the worker group's start waits, which Ray Train retries
+    without end. Its one start attempt bounded by run.stall_timeout_s (5 s), the run fails in one line naming
+    the wait, what each worker asks for, what is free and the keys that ask for less; no attempt began."""
+    with pytest.raises(UserError, match=r"^run\.stall_timeout_s: training's worker group \(2 x \{CPU: 1, GPU: 1\}\) "
+                                        r"did not start within 5 s \(free: CPU 2 of 2, GPU 0 of 0\);.*"
+                                        r"train\.gpus_per_worker or train\.use_gpu") as err:
+        run(base, tmp_path / "no-gpu", "train.num_workers=2", "train.batch_size=4", "train.use_gpu=true",
+            "run.stall_timeout_s=5", "train.max_steps=2")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "no-gpu" / "train" / "attempts.jsonl").exists()
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in os.environ
 
 
 def test_resuming_under_another_config_is_refused(base, two_workers):
