@@ -18,6 +18,7 @@ from dpo.config import Config
 from dpo.errors import UserError
 from jobs import train as train_job
 from jobs.cli import job
+from jobs.logs import show
 from jobs.summary import print_dataset_summary, table
 from pipeline.models import PRESETS, build_local_model, iter_texts
 from pipeline.precompute import precompute
@@ -57,8 +58,8 @@ def main(argv=None) -> None:
             manifest = stage(cfg, split)
             print_dataset_summary(f"{kind} ({split})", dataset_folder(cfg, kind, split), manifest)
         train_job.run(cfg)
-        print(table("pipeline", [("total time (s)", round(time.time() - started, 1)),
-                                 ("output", cfg.run.output_dir)]), flush=True)
+        show(table("pipeline", [("total time (s)", round(time.time() - started, 1)),
+                                 ("output", cfg.run.output_dir)]))
 
 
 if __name__ == "__main__":

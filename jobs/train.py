@@ -14,6 +14,7 @@ from dpo.model_folders import check_model_folders
 from dpo.trackers import check_trackers
 from dpo.launch import DatasetFolder, needs_reference, train
 from jobs.cli import job
+from jobs.logs import show
 from jobs.summary import table
 from pipeline.prepare import dataset_folder, split_files
 from pipeline.tokenize import TOKENIZATION_VERSION
@@ -52,7 +53,7 @@ def print_train_summary(result: dict) -> None:
                  ("eval/rewards/margins", num("eval/rewards/margins"))]
     rows += [("metrics", result["metrics_path"]), ("report", result.get("report") or "-"),
              ("policy", result["policy"] or "not saved")]
-    print(table("train", rows), flush=True)
+    show(table("train", rows))
 
 
 def run(cfg: Config) -> dict:
