@@ -35,14 +35,12 @@ import numpy as np
 import torch
 
 from dpo.logprobs import chunked_token_logps, gathered_token_logps
-from dpo.schema import scored_tokens
+from dpo.schema import Triple, scored_tokens
 
 log = logging.getLogger("raydpo.train")
 
 Layout = Literal["padded", "packed", "shared"]
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # the shared layout's segments
-# (prompt ids, chosen ids, rejected ids) of one pair
-Triple = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
 
 @dataclass

@@ -140,6 +140,12 @@ class LossType(str, Enum):
 
 
 _REFERENCE_FREE = frozenset({LossType.SIMPO, LossType.SFT})
+
+
+def needs_reference(loss_types: Sequence[Union[str, LossType]]) -> bool:
+    """Whether any of these losses reads the reference's log-probs: the one rule for scoring, the datasets
+    training reads, and the loss's inputs."""
+    return any(LossType.parse(name).needs_reference for name in loss_types)
 _LENGTH_NORMALIZED = frozenset({LossType.IPO, LossType.SIGMOID_NORM, LossType.SIMPO})
 _BATCH_LEVEL = frozenset({LossType.AOT, LossType.AOT_UNPAIRED})
 _LABEL_SMOOTHED = frozenset(

@@ -20,7 +20,7 @@ from dpo.config import Config, load_config
 from dpo.errors import UserError
 from dpo.job_cpus import note_free_cpus
 from jobs.logs import FILE_ONLY, JobLog, setup_terminal, show
-from pipeline.vllm_build import check_torchvision
+from pipeline.vllm_scorer import check_torchvision
 
 log = logging.getLogger("raydpo")
 # How long a cluster's GCS is given to accept a connection before the job counts it dead.

@@ -12,7 +12,8 @@ from dpo import fingerprint as fpr
 from dpo.config import Config
 from dpo.model_folders import check_model_folders
 from dpo.trackers import check_trackers
-from dpo.launch import DatasetFolder, needs_reference, train
+from dpo.launch import DatasetFolder, train
+from dpo.losses import needs_reference
 from jobs.cli import job
 from jobs.logs import show
 from jobs.summary import table
@@ -21,7 +22,7 @@ from pipeline.tokenize import TOKENIZATION_VERSION
 
 
 def dataset_kind(cfg: Config) -> str:
-    return "reference" if needs_reference(cfg) else "prepared"
+    return "reference" if needs_reference(cfg.train.loss_types) else "prepared"
 
 
 def find_datasets(cfg: Config) -> tuple[DatasetFolder, Optional[DatasetFolder]]:
@@ -65,7 +66,7 @@ def run(cfg: Config) -> dict:
 
 def check_before_ray(cfg: Config, _args=None) -> None:
     """The model folders and trackers training needs, checked before Ray starts."""
-    check_model_folders(cfg.model, policy=True, reference=needs_reference(cfg))
+    check_model_folders(cfg.model, policy=True, reference=needs_reference(cfg.train.loss_types))
     check_trackers(cfg)
 
 

@@ -27,7 +27,7 @@ from jobs.cli import job, log
 from jobs.logs import show
 from jobs.summary import table
 from pipeline.prepare import dataset_folder, split_files
-from pipeline.scoring import HFScorer
+from pipeline.hf_scorer import HFScorer
 from pipeline.tokenize import TOKENIZATION_VERSION
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}

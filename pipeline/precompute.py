@@ -10,10 +10,11 @@ from dpo import fingerprint as fpr
 from dpo import storage
 from dpo.config import Config
 from pipeline.prepare import dataset_folder, reuse_if_complete, split_files
-from pipeline.scoring import ReferenceScorer, actor_pool, check_reference_model, map_pool
+from pipeline.scoring import ReferenceScorer
+from pipeline.scoring_pool import actor_pool, check_reference_model, map_pool
 from pipeline.stage import run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
-from pipeline.vllm_build import require_vllm
+from pipeline.vllm_scorer import require_vllm
 
 log = logging.getLogger(__name__)
 

@@ -220,13 +220,13 @@ def test_a_plain_llama_passes_the_probe(lm):
 
 def test_hf_scores_stay_within_1e5_of_todays_path(tiny_model, lm, hh):
     """The hf scorer (shared layout, response-only head, length-sorted batches) on HH, fp32."""
-    from pipeline.scoring import HFScorer
+    from pipeline.hf_scorer import HFScorer
 
     policy = PolicyLogps(lm, chunk_size=64)
     with torch.no_grad():
         today = policy(lay_out(hh, 0, "padded"), full_logits=True).tolist()
     scorer = HFScorer(tiny_model, batch_tokens=1024)
-    assert scorer.layout == "shared" and scorer.policy.response_only
+    assert scorer.runtime.layout == "shared" and scorer.runtime.policy.response_only
     scores = scorer.score(hh)
     got = [c for c, _ in scores] + [r for _, r in scores]
     assert max(abs(a - b) for a, b in zip(got, today)) <= 1e-5
