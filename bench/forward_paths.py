@@ -58,7 +58,7 @@ def batches(args, model_dir):
 
     pairs = hh_pairs(args, model_dir)
     # Shuffled, not length-grouped: batches of mixed lengths, as a pool of 1 gives.
-    return pairs, epoch_plan(pairs.tokens, args.batch_size, 1, seed=0, epoch=0)
+    return pairs, epoch_plan(pairs.tokens_per_pair, args.batch_size, 1, seed=0, epoch=0)
 
 
 class Side:
@@ -121,7 +121,7 @@ def train_speed(args, model_dir) -> dict:
         for name in order:
             elapsed = sides[name].step(pairs, rows)
             seconds[name] += elapsed if i else 0.0
-        tokens += int(pairs.tokens[rows].sum()) if i else 0
+        tokens += int(pairs.tokens_per_pair[rows].sum()) if i else 0
     return {name: {"tokens_per_s": tokens / s} for name, s in seconds.items()}
 
 

@@ -94,7 +94,7 @@ class Pairs:
         return len(self.pair_ids)
 
     @functools.cached_property
-    def tokens(self) -> np.ndarray:
+    def tokens_per_pair(self) -> np.ndarray:
         """Tokens the pair puts through the model: both sequences, prompt counted twice."""
         return 2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths
 
@@ -207,7 +207,7 @@ def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, layout: Layout) -> Micr
         ref_chosen=None if pairs.ref_chosen is None else torch.tensor(pairs.ref_chosen[rows], dtype=torch.float32),
         ref_rejected=None if pairs.ref_rejected is None else torch.tensor(pairs.ref_rejected[rows], dtype=torch.float32),
         pair_ids=[pairs.pair_ids[i] for i in rows],
-        tokens=int(pairs.tokens[rows].sum()),
+        tokens=int(pairs.tokens_per_pair[rows].sum()),
     )
 
 

@@ -1,4 +1,4 @@
-"""The knobs of individual losses and of their combination, each with its default: their one home.
+"""The knobs of the losses, each with its default, and the error that names the one at fault: their one home.
 
 A module of its own, importing nothing, because both sides read it: dpo.losses,
 which stays torch-only, takes them as ``**options``; dpo.config, which must load
@@ -8,6 +8,19 @@ default.
 
 from dataclasses import dataclass, fields
 from typing import Optional
+
+# The two knobs every loss takes: preference_loss's beta and label_smoothing, train.beta and train.label_smoothing.
+BETA = 0.1
+LABEL_SMOOTHING = 0.0
+
+
+class LossArgumentError(ValueError):
+    """A loss argument that cannot be used; the message starts with the argument's name, `key`, which is also
+    its train.<key> config key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)

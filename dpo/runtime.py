@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from dpo.forward import Layout, PolicyLogps, check_response_head
+from dpo.forward import Layout, PolicyLogps, settle_response_head
 
 # The attention implementations that take the shared layout's mask (dpo.forward).
 SEGMENT_MASK_ATTENTION = ("eager", "sdpa", "flex_attention")
@@ -85,5 +85,5 @@ class Runtime:
         """With the weights in (under FSDP, after a restore: a forward leaves FSDP2's root unsharded, and a
         sharded state dict cannot load into that): the response-only head checked on this model, the layout
         chosen."""
-        check_response_head(self.model, self.policy, self.device, self.autocast)
+        settle_response_head(self.model, self.policy, self.device, self.autocast)
         self.layout = choose_layout(packing, prefix_sharing, self.attention, self.device, packs)

@@ -194,7 +194,7 @@ def batch_rows(w: Worker, step: int) -> np.ndarray:
     c = w.ctx
     epoch, index = divmod(step - 1, c.steps_per_epoch)
     if w.plan is None or w.plan[0] != epoch:
-        w.plan = epoch, epoch_plan(c.train_pairs.tokens, c.pairs_per_step, c.t.length_group_batches,
+        w.plan = epoch, epoch_plan(c.train_pairs.tokens_per_pair, c.pairs_per_step, c.t.length_group_batches,
                                    c.cfg.run.seed, epoch)
     return w.plan[1][index]
 
@@ -234,7 +234,7 @@ def evaluate(w: Worker) -> dict:
     c, rt = w.ctx, w.ctx.runtime
     t, pairs = c.t, c.eval_pairs
     rt.model.eval()
-    order = np.argsort(pairs.tokens, kind="stable")
+    order = np.argsort(pairs.tokens_per_pair, kind="stable")
     per_step = t.batch_size * c.world
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     # Every rank runs the same number of forward passes (sharded models gather

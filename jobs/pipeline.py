@@ -22,7 +22,7 @@ from jobs.logs import show
 from jobs.summary import print_dataset_summary, table
 from pipeline.models import PRESETS, build_local_model, iter_texts
 from pipeline.precompute import precompute
-from pipeline.prepare import dataset_folder, prepare, split_files
+from pipeline.prepare import dataset_folder, dataset_kind, prepare, split_files
 
 log = logging.getLogger("raydpo")
 
@@ -52,7 +52,7 @@ def before_ray(cfg: Config, args) -> None:
 def main(argv=None) -> None:
     started = time.time()
     with job("pipeline", argv, __doc__, extra=_flags, before_ray=before_ray) as (cfg, args):
-        kind = train_job.dataset_kind(cfg)
+        kind = dataset_kind(cfg)
         stage = precompute if kind == "reference" else prepare
         for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
             manifest = stage(cfg, split)

@@ -19,7 +19,7 @@ from pipeline.vllm_scorer import require_vllm
 log = logging.getLogger(__name__)
 
 
-def scorer(cfg: Config) -> str:
+def scorer_id(cfg: Config) -> str:
     """What turns the tokens into scores besides the weights: the backend, vLLM's build and version, the dtype.
 
     Part of the reference dataset's fingerprint, so that a rerun never mixes in
@@ -64,7 +64,7 @@ def precompute(cfg: Config, split: str = "train") -> dict:
 
 def _score(cfg: Config, split: str, files: list[str]) -> dict:
     fingerprint = {**fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION),
-                   "scorer": scorer(cfg)}
+                   "scorer": scorer_id(cfg)}
     folder = dataset_folder(cfg, "reference", split)
     manifest = reuse_if_complete(folder, fingerprint)
     if manifest is not None:

@@ -208,7 +208,7 @@ def test_max_steps_capped_by_the_epochs_is_said():
     assert training_steps(TrainConfig(epochs=2), 20) == (40, None)
 
 
-def test_a_resume_over_another_horizon_says_so_and_follows_the_new_curve():
+def test_a_resume_over_another_horizon_says_so_and_follows_the_changed_horizons_curve():
     """Linear decay, learning rate 1e-3, 2 warmup steps; 6 steps done of 10, resumed with 20.
 
     The factor of 0-based step s after warmup is 1 - (s - 2) / (total - 2). Step 7 (s = 6): 1 - 4/8 = 0.5 of

@@ -27,7 +27,7 @@ from dpo.errors import UserError
 from dpo.fingerprint import read_manifest
 from dpo.forward import PolicyLogps, sequence_logps
 from dpo.launch import train
-from jobs.train import find_datasets
+from pipeline.prepare import find_datasets
 from pipeline.precompute import precompute
 
 pytestmark = pytest.mark.slow

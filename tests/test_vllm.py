@@ -195,7 +195,7 @@ def test_training_from_vllm_scores_starts_at_ln2(quickstart_vllm, ray_session, t
     """Policy = reference at step 1: every margin is 0, so the sigmoid loss is -log σ(0) = ln 2 = 0.693147."""
     from dpo.checkpoint import read_metrics
     from dpo.launch import train
-    from jobs.train import find_datasets
+    from pipeline.prepare import find_datasets
 
     work, _ = quickstart_vllm
     shutil.copytree(work / "runs" / "quickstart-vllm" / "reference", tmp_path / "run" / "reference")
