@@ -289,7 +289,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 # Keys that were replaced: an old config that sets one is told what to write instead.
 RETIRED_KEYS = {"train.tensorboard": "train.tensorboard is gone: list the trackers in train.report_to instead, "
-                                     "e.g. train.report_to: [tensorboard]"}
+                                     "e.g. train.report_to: [tensorboard]",
+                "train.alpha": "train.alpha is now train.divergence_alpha (the α of loss_type alpha_divergence)"}
 
 
 def _describe(err: dict) -> str:

@@ -29,8 +29,8 @@ class LossOptions:
     loss_weights: Optional[list[float]] = None
     # SimPO's target margin γ (TRL CPOConfig's default).
     simpo_gamma: float = 0.5
-    # α of alpha_divergence (TRL's default, where its α and ours agree).
-    alpha: float = 0.5
+    # α of alpha_divergence (TRL's default, where its α and ours agree); named apart from model.lora.alpha.
+    divergence_alpha: float = 0.5
     # DiscoPOP's temperature τ (TRL's default, the paper's value).
     discopop_tau: float = 0.05
     # BCO's reward shift δ: TRL keeps it as a running mean in trainer state, which a pure loss cannot.

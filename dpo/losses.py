@@ -167,7 +167,7 @@ _OPTIONS_READ = {
     LossType.BCO_PAIR: frozenset({"bco_delta"}),
     LossType.DISCOPOP: frozenset({"discopop_tau"}),
     LossType.SIMPO: frozenset({"simpo_gamma"}),
-    LossType.ALPHA_DIVERGENCE: frozenset({"alpha"}),
+    LossType.ALPHA_DIVERGENCE: frozenset({"divergence_alpha"}),
 }
 assert set().union(*_OPTIONS_READ.values()) <= set(LOSS_OPTION_NAMES), "every option read needs a LossOptions field"
 
@@ -614,7 +614,7 @@ def js_divergence_loss(b: PreferenceBatch) -> torch.Tensor:
 def alpha_divergence_loss(b: PreferenceBatch) -> torch.Tensor:
     """f-DPO with the α-divergence, f'(u) = (1 - u^(-α))/α, 0 <= α <= 1.
 
-    Shapes: π_c, π_r, ρ_c, ρ_r: [B] -> losses [B].  Option ``alpha`` (α).
+    Shapes: π_c, π_r, ρ_c, ρ_r: [B] -> losses [B].  Option ``divergence_alpha`` (α).
 
         d = (exp(-α·r_r) - exp(-α·r_c)) / α
         L = -(1-ε)·logσ(β·d) - ε·logσ(-β·d)
@@ -630,7 +630,7 @@ def alpha_divergence_loss(b: PreferenceBatch) -> torch.Tensor:
     Diverse Divergence Constraints." arXiv:2309.16240.
     """
     r_c, r_r = b.logratios()
-    alpha = float(b.options.alpha)
+    alpha = float(b.options.divergence_alpha)
     if alpha == 0.0:
         d = r_c - r_r
     else:
@@ -690,7 +690,7 @@ def check_loss_config(
 
     Raises LossArgumentError, naming the argument and the fix (an unknown option: ValueError), on: an unknown loss
     name or option, beta <= 0, label_smoothing outside [0, 0.5), exo_pair with
-    label_smoothing = 0, loss_weights of the wrong length, alpha outside
+    label_smoothing = 0, loss_weights of the wrong length, divergence_alpha outside
     [0, 1], discopop_tau <= 0, or label_smoothing > 0 when no loss uses it.
     """
     types, weights, _ = _resolve(loss_type, beta, label_smoothing, options)
@@ -740,9 +740,10 @@ def _resolve(
             "[1-ε, ε]); the EXO paper recommends label_smoothing=1e-3"
         )
     if LossType.ALPHA_DIVERGENCE in types:
-        alpha = float(opts.alpha)
+        alpha = float(opts.divergence_alpha)
         if not 0.0 <= alpha <= 1.0:
-            raise LossArgumentError("alpha", f"alpha (of alpha_divergence) must lie in [0, 1], got {alpha}")
+            raise LossArgumentError("divergence_alpha",
+                                    f"divergence_alpha (of alpha_divergence) must lie in [0, 1], got {alpha}")
     if LossType.DISCOPOP in types:
         tau = float(opts.discopop_tau)
         if not (math.isfinite(tau) and tau > 0):
@@ -794,7 +795,7 @@ def preference_loss(
             which divide summed log-probs by them; sft divides by chosen_lengths when
             given. A caller whose log-probs are already per-token means passes ones.
         **options: loss-specific knobs, see :class:`LossOptions`: ``loss_weights``,
-            ``simpo_gamma``, ``alpha``, ``discopop_tau``, ``bco_delta``.
+            ``simpo_gamma``, ``divergence_alpha``, ``discopop_tau``, ``bco_delta``.
 
     Returns:
         A :class:`LossOutput` ``(losses, chosen_rewards, rejected_rewards)``, each of shape
