@@ -174,6 +174,7 @@ def setup(config: dict) -> Worker:
             log.warning(changed)
     runtime.settle(t.packing, t.prefix_sharing, packs=lambda: packing_supported(
         model, train_pairs, runtime.pad_id, device, runtime.autocast))
+    trackers = open_trackers(cfg, c.train_dir, rank, state.step)
     metrics_log = None
     if rank == 0:
         # The run's own record of where each attempt (a job, or Ray Train's restart of its workers) began.
@@ -186,7 +187,7 @@ def setup(config: dict) -> Worker:
                  t.batch_size, world, t.grad_accum, runtime.layout,
                  "at response positions only" if policy.response_only else "at every position", state.step)
     model.train()
-    return Worker(ctx=c, state=state, sinks=Sinks(metrics_log, open_trackers(cfg, c.train_dir, rank, state.step)))
+    return Worker(ctx=c, state=state, sinks=Sinks(metrics_log, trackers))
 
 
 def batch_rows(w: Worker, step: int) -> np.ndarray:
