@@ -1,6 +1,6 @@
-"""dpo.forward: the three layouts and the response-only head, against the plain forward (padded rows, logits at every position).
+"""dpo.forward: the three layouts and the response-only head, against the plain forward.
 
-"Today's path" is the padded layout with `full_logits=True`: 2b right-padded
+The plain forward is the padded layout with `full_logits=True`: 2b right-padded
 rows, logits at every position, read off where a response token is predicted.
 """
 

@@ -152,8 +152,8 @@ def test_the_scoring_fault_marker_is_local_only(tmp_path):
     with pytest.raises(UserError, match=r"^debug.fail_scoring_after_batches needs a local run.output_dir, not "
                                         r"s3://bucket/run: "):
         fail_marker(cfg, "s3://bucket/run/reference")
-    assert fail_marker(cfg.model_copy(update={"debug": cfg.debug.model_copy(update={"fail_scoring_after_batches": None})}),
-                       "s3://bucket/run/reference") is None
+    unset = load_config(None, ["model.policy=m", "run.output_dir=s3://bucket/run"])
+    assert fail_marker(unset, "s3://bucket/run/reference") is None
     marker = fail_marker(cfg, str(tmp_path / "reference"))
     assert marker == str(tmp_path / "reference" / "_debug_scoring_failed")
     os.makedirs(os.path.dirname(marker))
