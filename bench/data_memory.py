@@ -86,7 +86,7 @@ class OldPairs:
         return len(self.pair_ids)
 
     @property
-    def tokens(self) -> np.ndarray:
+    def tokens_per_pair(self) -> np.ndarray:
         return np.array([2 * len(p) + len(c) + len(r) for p, c, r in zip(self.prompt, self.chosen, self.rejected)])
 
     @classmethod
@@ -166,7 +166,7 @@ def rank_loop(config: dict) -> None:
         pairs = Pairs.from_batch(batch)
     t2 = time.perf_counter()
     # What dpo.train_loop does next with the data: the lengths and the first epoch's plan.
-    plan = epoch_plan(pairs.tokens, 16, 8, seed=0, epoch=0)
+    plan = epoch_plan(pairs.tokens_per_pair, 16, 8, seed=0, epoch=0)
     t3 = time.perf_counter()
     load_s, load_cpu_s = t3 - t0, time.process_time() - c0
     loaded = status()

@@ -19,7 +19,7 @@ of a pair, prompt twice, whatever a side computes: the same work done per
 second. Step memory: each side alone in a fresh process; the peak RSS of its
 steps above the RSS after a first step, when weights, gradients (kept
 allocated) and AdamW's state exist: what activations and logits take.
-Scoring: pipeline.scoring.HFScorer as the actor runs it (eager attention,
+Scoring: pipeline.hf_scorer.HFScorer as the actor runs it (eager attention,
 length-sorted batches under reference.batch_tokens), new against today's
 path, interleaved in one process.
 """
@@ -58,7 +58,7 @@ def batches(args, model_dir):
 
     pairs = hh_pairs(args, model_dir)
     # Shuffled, not length-grouped: batches of mixed lengths, as a pool of 1 gives.
-    return pairs, epoch_plan(pairs.tokens, args.batch_size, 1, seed=0, epoch=0)
+    return pairs, epoch_plan(pairs.tokens_per_pair, args.batch_size, 1, seed=0, epoch=0)
 
 
 class Side:
@@ -121,7 +121,7 @@ def train_speed(args, model_dir) -> dict:
         for name in order:
             elapsed = sides[name].step(pairs, rows)
             seconds[name] += elapsed if i else 0.0
-        tokens += int(pairs.tokens[rows].sum()) if i else 0
+        tokens += int(pairs.tokens_per_pair[rows].sum()) if i else 0
     return {name: {"tokens_per_s": tokens / s} for name, s in seconds.items()}
 
 
@@ -129,7 +129,7 @@ def score_speed(args, model_dir) -> dict:
     """tokens/s of the hf scorer, new against today's path, interleaved rounds; and their largest difference."""
     import torch
 
-    from pipeline.scoring import HFScorer
+    from pipeline.hf_scorer import HFScorer
     from pipeline.tokenize import load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -138,7 +138,7 @@ def score_speed(args, model_dir) -> dict:
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
     new = HFScorer(model_dir, batch_tokens=args.batch_tokens, device="cpu")
     today = HFScorer(model_dir, batch_tokens=args.batch_tokens, device="cpu")
-    today.layout, today.policy.response_only = "padded", False
+    today.runtime.layout, today.runtime.policy.response_only = "padded", False
     scorers = {"new": new, "today": today}
     seconds = {name: 0.0 for name in scorers}
     scores = {}

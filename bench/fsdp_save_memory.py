@@ -56,7 +56,7 @@ def child(args) -> None:
     from dpo.config import load_config
     from dpo.export import write_safetensors
     from dpo.sharding import load_policy
-    from dpo.train_loop import LM_PREFIX
+    from dpo.export import LM_PREFIX
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -3,7 +3,7 @@
     python bench/gpu_score.py --model DIR --data HH.jsonl.gz --dtype bfloat16 [--backends vllm,hf]
                               [--rounds 3] [--batch-tokens 32768] [--sample 256] [--json FILE]
 
-Both backends run the pipeline's own scorers (pipeline.scoring.VLLMScorer with
+Both backends run the pipeline's own scorers (pipeline.vllm_scorer.VLLMScorer with
 vllm_engine_args, HFScorer) on the same token ids: every usable HH pair,
 chosen and rejected, tokenized by the project's code. vLLM starts first and
 takes --gpu-memory-utilization of the GPU; transformers uses what is left.
@@ -138,19 +138,19 @@ def main(argv=None) -> dict:
     if "vllm" in backends:  # first: it sizes its KV cache from the memory free at start
         import vllm
 
-        from pipeline.scoring import VLLMScorer, vllm_engine_args
+        from pipeline.vllm_scorer import VLLMScorer, vllm_engine_args
 
         result["vllm"] = vllm.__version__
         scorers["vllm"] = VLLMScorer(vllm_engine_args(cfg))
     if "hf" in backends:
         import transformers
 
-        from pipeline.scoring import HFScorer
+        from pipeline.hf_scorer import HFScorer
 
         result["transformers"] = transformers.__version__
         scorers["hf"] = HFScorer(args.model, dtype=args.dtype, batch_tokens=args.batch_tokens, device=device,
                                  attn_implementation=cfg.model.attn_implementation)
-    oracle_model = scorers["hf"].policy.lm if "hf" in scorers else None
+    oracle_model = scorers["hf"].runtime.policy.lm if "hf" in scorers else None
     if oracle_model is None:
         from transformers import AutoModelForCausalLM
 

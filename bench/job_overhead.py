@@ -42,7 +42,7 @@ def one_side(work: str, steps: int, repeats: int) -> dict:
 
     from dpo.config import load_config
     from dpo.launch import ray_env_vars, train
-    from jobs.train import find_datasets
+    from pipeline.prepare import find_datasets
     from pipeline.models import build_local_model, iter_texts
     from pipeline.precompute import precompute
 

@@ -9,7 +9,7 @@ the batching and the forward differ:
 - naive (what TRL's precompute_ref_log_probs does): `--batch-size` pairs in
   file order, chosen and rejected stacked into one forward, padded to the
   longest of the batch;
-- ours (pipeline.scoring.HFScorer as the actor runs it): each call of
+- ours (pipeline.hf_scorer.HFScorer as the actor runs it): each call of
   `--pairs-per-call` pairs sorted by length and packed under `--batch-tokens`
   (longest x count), right-padded, one row per pair (the prompt once) and
   logits only where a response token is predicted (dpo.forward).
@@ -32,7 +32,7 @@ from hh import HH, hh_texts, load_pairs
 
 from dpo.config import DataConfig
 from pipeline.models import build_local_model
-from pipeline.scoring import HFScorer, pack_by_tokens
+from pipeline.hf_scorer import HFScorer, pack_by_tokens
 from pipeline.tokenize import load_tokenizer
 
 def naive(model, pairs, batch_size: int, pad_id: int) -> list[float]:
@@ -99,13 +99,13 @@ def main() -> None:
     pairs = load_pairs(args.pairs, tokenizer, data, Path(args.data))
 
     scorer = HFScorer(model_dir, batch_tokens=args.batch_tokens, device="cpu", attn_implementation=args.attn)
-    params = sum(p.numel() for p in scorer.policy.lm.parameters())
+    params = sum(p.numel() for p in scorer.runtime.policy.lm.parameters())
     real = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
     scorer.score(pairs[:1])  # warm-up: first-call allocations are not throughput
 
     # Alternating rounds (naive first, then ours first, ...) so that other load on
     # the machine falls on both sides alike; the times are summed over rounds.
-    runs = {"naive": lambda: naive(scorer.policy.lm, pairs, args.batch_size, scorer.pad_id),
+    runs = {"naive": lambda: naive(scorer.runtime.policy.lm, pairs, args.batch_size, scorer.runtime.pad_id),
             "ours": lambda: ours(scorer, pairs, args.pairs_per_call)}
     seconds = {"naive": 0.0, "ours": 0.0}
     scores = {}
@@ -124,7 +124,7 @@ def main() -> None:
     padded = {"naive": padded_tokens_naive(pairs, args.batch_size), "ours": padded_ours}
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; attention {scorer.policy.lm.config._attn_implementation}")
+          f"{torch.get_num_threads()} threads; attention {scorer.runtime.policy.lm.config._attn_implementation}")
     print(f"model: {params / 1e6:.1f}M params (preset small); {len(pairs)} HH pairs, max_length {args.max_length}, "
           f"{real} real tokens; {args.rounds} rounds")
     for name, secs in seconds.items():

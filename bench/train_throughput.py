@@ -81,7 +81,7 @@ def setup(args, model_dir):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pairs = hh_pairs(args, model_dir)
-    return pairs, epoch_plan(pairs.tokens, args.batch_size, 8, seed=0, epoch=0)
+    return pairs, epoch_plan(pairs.tokens_per_pair, args.batch_size, 8, seed=0, epoch=0)
 
 
 class Side:

@@ -4,7 +4,7 @@
                                         [--max-length 512] [--batch-tokens 16384]
 
 Each side is the pipeline's own scorer, as a scoring actor builds it
-(pipeline.scoring.VLLMScorer with vllm_scorer_args;
+(pipeline.vllm_scorer.VLLMScorer with vllm_scorer_args;
 HFScorer), in a process of its own, on the same model folder, the same HH pairs
 tokenized by the pipeline, and the same token budget (reference.batch_tokens).
 The sides alternate (hf, vllm, then vllm, hf, ...) so that other load on the
@@ -60,14 +60,14 @@ def child(args) -> None:
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     t0 = time.perf_counter()
     if args.child == "vllm":
-        from pipeline.scoring import VLLMScorer, vllm_scorer_args
-        from pipeline.vllm_build import require_vllm
+        from pipeline.vllm_scorer import VLLMScorer, vllm_scorer_args
+        from pipeline.vllm_scorer import require_vllm
 
         scorer = VLLMScorer(*vllm_scorer_args(cfg, require_vllm(cfg.reference)))
     else:
         import torch
 
-        from pipeline.scoring import HFScorer
+        from pipeline.hf_scorer import HFScorer
 
         torch.set_num_threads(args.threads)
         scorer = HFScorer(args.model, batch_tokens=args.batch_tokens, device="cpu")
@@ -116,7 +116,7 @@ def main() -> None:
     if not Path(args.data).exists():
         sys.exit(f"{args.data} is absent: this benchmark reads Anthropic HH pairs from ../shared/data")
     from pipeline.models import build_local_model
-    from pipeline.vllm_build import installed_vllm
+    from pipeline.vllm_scorer import installed_vllm
 
     peak = matmul_peak_gflops(args.threads)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPUs, "

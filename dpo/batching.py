@@ -20,7 +20,7 @@ of dpo.forward's layouts: padded (2b rows), packed (one row; it saves work only
 under flash attention's varlen kernels: sdpa and eager materialise a dense
 [T, T] mask over the whole row, measured on CPU at 0.30 s packed vs 0.18 s
 padded per step of 16 pairs) or shared (b rows, the prompt once per pair).
-`choose_layout` resolves train.packing and train.prefix_sharing.
+dpo.runtime.choose_layout resolves train.packing and train.prefix_sharing.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import pyarrow.compute as pc
 import torch
 
 from dpo import schema
-from dpo.config import TrainConfig
 from dpo.forward import Layout, ModelInputs, lay_out, sequence_logps
 
 
@@ -95,7 +94,7 @@ class Pairs:
         return len(self.pair_ids)
 
     @functools.cached_property
-    def tokens(self) -> np.ndarray:
+    def tokens_per_pair(self) -> np.ndarray:
         """Tokens the pair puts through the model: both sequences, prompt counted twice."""
         return 2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths
 
@@ -208,27 +207,8 @@ def collate(pairs: Pairs, rows: np.ndarray, pad_id: int, layout: Layout) -> Micr
         ref_chosen=None if pairs.ref_chosen is None else torch.tensor(pairs.ref_chosen[rows], dtype=torch.float32),
         ref_rejected=None if pairs.ref_rejected is None else torch.tensor(pairs.ref_rejected[rows], dtype=torch.float32),
         pair_ids=[pairs.pair_ids[i] for i in rows],
-        tokens=int(pairs.tokens[rows].sum()),
+        tokens=int(pairs.tokens_per_pair[rows].sum()),
     )
-
-
-def choose_layout(t: TrainConfig, model, lm, pairs: Pairs, pad_id: int, device, autocast) -> Layout:
-    """train.packing and train.prefix_sharing, resolved on this model and device (`model` runs `lm`).
-
-    packing: auto packs only under flash attention, and only if the model
-    honours packed position ids. prefix_sharing: auto shares the prompt where
-    it was measured to be faster (docs/benchmarks.md): on CPU, where eager and
-    sdpa attention take its 4D mask. On GPU it stays off unless asked for
-    (with flex_attention) until it is measured there.
-    """
-    attention = str(getattr(lm.config, "_attn_implementation", "") or "")
-    if t.packing == "on" or (t.packing == "auto" and attention.startswith("flash")
-                             and packing_supported(model, pairs, pad_id, device, autocast)):
-        return "packed"
-    if t.prefix_sharing == "on" or (t.prefix_sharing == "auto" and device.type == "cpu"
-                                    and attention in ("eager", "sdpa")):
-        return "shared"
-    return "padded"
 
 
 @torch.no_grad()

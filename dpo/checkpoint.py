@@ -1,5 +1,8 @@
 """Training state that survives a restart: checkpoints and the metrics log.
 
+`TrainState` is what a checkpoint saves of a worker; `save` and `restore` are
+the whole protocol, every rank taking part.
+
 A checkpoint is one folder, `{output_dir}/train/checkpoints/step-{N:08d}/`:
 
     .metadata, __R_0.distcp   the weights and the AdamW state, written by
@@ -31,16 +34,88 @@ import io
 import json
 import os
 import random
-from typing import Optional
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from dpo import storage
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
+# What a checkpoint holds of the model: the parameters that train, as this rank holds them. All of them, or under
+# model.lora the adapters alone (dpo.lora): the frozen base is model.policy's, read again by a restore.
+TRAINED_STATE = StateDictOptions(ignore_frozen_params=True)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves of a worker, and a restart restores (with every rank's RNG)."""
+
+    model: torch.nn.Module      # as the step runs it (DDP, FSDP): its trained parameters as this rank holds them
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int = 0               # the last step done
+    skipped: int = 0            # batches skipped as non-finite up to `step`
+
+
+def _tensors(state: TrainState) -> dict:
+    """What a checkpoint holds of the model and the optimizer, as this rank holds it (under fsdp, its DTensor
+    shards), keyed by parameter name (PolicyLogps's, `lm.`-prefixed): the one place that says which tensors
+    a checkpoint saves and restores."""
+    return {"model": get_model_state_dict(state.model, options=TRAINED_STATE),
+            "optimizer": get_optimizer_state_dict(state.model, state.optimizer)}
+
+
+def restore(state: TrainState, train_dir: str, *, rank: int, lora: bool) -> Optional[dict]:
+    """Load the newest complete checkpoint into `state` and the RNG; each rank reads only the shards it holds.
+
+    Returns its state.json, None on a fresh start.
+    """
+    dest = newest(storage.join(train_dir, "checkpoints"))
+    if dest is None:
+        return None
+    tensors = _tensors(state)  # the optimizer's state tensors are made here, zero, to be read into
+    read_shards(dest, tensors)
+    # Under model.lora the checkpoint holds only the adapters: the base stays as loaded.
+    set_model_state_dict(state.model, tensors["model"], options=StateDictOptions(strict=not lora))
+    set_optimizer_state_dict(state.model, state.optimizer, tensors["optimizer"])
+    state.scheduler.load_state_dict(load(dest, "scheduler.pt"))
+    set_rng_state(load(dest, "rng.pt")[rank])
+    saved = read_state(dest)
+    state.step, state.skipped = int(saved["step"]), int(saved["skipped_batches"])
+    return saved
+
+
+def save(state: TrainState, train_dir: str, *, rank: int, world: int, epoch: int, total_steps: int, keep: int,
+         metrics: dict) -> None:
+    """Every rank writes its shards into the step's folder; rank 0 then the small states, COMPLETE, and the
+    report to Ray Train of a pointer to it."""
+    import ray.train
+
+    root = storage.join(train_dir, "checkpoints")
+    dest = begin(root, state.step) if rank == 0 else folder(root, state.step)
+    rng = rng_state()
+    rngs = [None] * world if dist.is_initialized() else [rng]
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)  # also: no rank writes before rank 0 has emptied the folder
+    write_shards(dest, _tensors(state))
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    write_states(dest, scheduler_state=state.scheduler.state_dict(), rng_states=rngs, step=state.step,
+                 epoch=epoch, skipped_batches=state.skipped, total_steps=total_steps)
+    # dcp.save returns on every rank once the last rank's files and the metadata are written.
+    finish(root, state.step, keep)
+    with tempfile.TemporaryDirectory(prefix="dpo-ckpt-") as tmp:
+        ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(
+            pointer(tmp, state.step)), checkpoint_dir_name=f"checkpoint-{state.step:08d}")
 
 
 # --------------------------------------------------------------------------- RNG
@@ -133,10 +208,6 @@ def load(dest: str, name: str):
 
 def read_state(dest: str) -> dict:
     return json.loads(storage.read_text(storage.join(dest, STATE)))
-
-
-def read_step(dest: str) -> int:
-    return int(read_state(dest)["step"])
 
 
 def _subdirs(root: str) -> list[str]:

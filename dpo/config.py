@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 import typing
 from typing import Any, Literal, Optional, Union
 
@@ -18,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from dpo.errors import UserError
-from dpo.loss_options import LOSS_OPTION_NAMES, LossOptions
+from dpo.loss_options import BETA, LABEL_SMOOTHING, LOSS_OPTION_NAMES, LossArgumentError, LossOptions
 
 _LOSS_OPTION_TYPES = typing.get_type_hints(LossOptions)
 
@@ -155,8 +154,8 @@ class TrainConfig(_LossKeys):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Checked, with loss_weights and the other loss keys, by dpo.losses.check_loss_config.
     loss_type: Union[LossName, list[LossName]] = "sigmoid"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    beta: float = BETA  # checked, as the loss keys are, by dpo.losses.check_loss_config
+    label_smoothing: float = LABEL_SMOOTHING
     average_logps: bool = False
     learning_rate: float = Field(5.0e-7, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -203,11 +202,8 @@ class TrainConfig(_LossKeys):
         try:
             check_loss_config(self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
                               **self.loss_options)
-        except ValueError as exc:
-            # Its messages start with the argument at fault (loss_weights, alpha, ...) when there is one.
-            msg = str(exc)
-            named = re.match(r"\w+", msg).group() in {"loss_type", "beta", "label_smoothing", *LOSS_OPTION_NAMES}
-            raise ValueError(f"train.{msg}" if named else f"train.loss_type: {msg}") from None
+        except LossArgumentError as exc:  # its message starts with the argument at fault, a train.* key
+            raise ValueError(f"train.{exc}") from None
         return self
 
     @field_validator("packing", "prefix_sharing", "response_logits", mode="before")
@@ -302,7 +298,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 # Keys that were replaced: an old config that sets one is told what to write instead.
 RETIRED_KEYS = {"train.tensorboard": "train.tensorboard is gone: list the trackers in train.report_to instead, "
-                                     "e.g. train.report_to: [tensorboard]"}
+                                     "e.g. train.report_to: [tensorboard]",
+                "train.alpha": "train.alpha is now train.divergence_alpha (the α of loss_type alpha_divergence)"}
 
 
 def _describe(err: dict) -> str:

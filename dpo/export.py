@@ -1,4 +1,6 @@
-"""The trained weights as Hugging Face safetensors, one tensor in memory at a time.
+"""The trained policy in Hugging Face format (`save_policy`): weights, config and tokenizer.
+
+The weights are written as safetensors one tensor in memory at a time.
 
 `save_pretrained` wants the whole state dict on one process; at 70B that is
 280 GB of fp32 on rank 0. Here every rank walks the state dict in the same
@@ -18,16 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import struct
+import tempfile
 from typing import Iterable
 
+import pyarrow.fs as pafs
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dpo import storage
+from dpo.config import Config
+from dpo.lora import ADAPTER_DIR, save_merged
 
 # The most tensor bytes in one file: a few GiB keeps an object store's upload and a reader's mmap per file modest.
 FILE_BYTES = 4 * 2**30
 INDEX = "model.safetensors.index.json"
+# PolicyLogps holds the transformers model as `lm`: its keys in checkpoints, not in the exported policy/.
+LM_PREFIX = "lm."
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
@@ -108,3 +118,56 @@ def write_safetensors(state: dict[str, torch.Tensor], dest: str, *, rank: int,
                  "weight_map": {name: file_name for file_name, members in zip(names, files) for name in members}}
         storage.write_text(storage.join(dest, INDEX), json.dumps(index, indent=2))
     return names
+
+
+def save_policy(model: torch.nn.Module, lm, cfg: Config, dest: str, *, rank: int, train_dir: str) -> None:
+    """The trained weights and the tokenizer, in Hugging Face format, gathered one tensor at a time; every rank
+    calls it. `model` runs the policy as training does (DDP, FSDP), `lm` is its transformers model."""
+    if cfg.model.lora.enabled:
+        _save_merged_policy(model, lm, cfg, dest, rank=rank, train_dir=train_dir)
+        return
+    state = {name.removeprefix(LM_PREFIX): tensor for name, tensor in get_model_state_dict(model).items()}
+    for alias in tied_aliases(lm):
+        state.pop(alias, None)
+    if rank == 0:
+        storage.delete_dir(dest)
+    write_safetensors(state, dest, rank=rank)
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory(prefix="dpo-policy-") as tmp:
+        lm.config.save_pretrained(tmp)
+        if getattr(lm, "generation_config", None) is not None:
+            lm.generation_config.save_pretrained(tmp)
+        save_tokenizer(cfg, tmp)
+        fs, path = storage.resolve(dest)
+        pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _save_merged_policy(model: torch.nn.Module, lm, cfg: Config, dest: str, *, rank: int, train_dir: str) -> None:
+    """Under model.lora: the adapters merged into the base by peft (dpo.lora), and the adapter alone beside
+    `dest`. peft merges whole modules, so the model is gathered on rank 0's CPU for this, unlike `save_policy`."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    state = {name.removeprefix(LM_PREFIX): tensor for name, tensor in state.items()}
+    with tempfile.TemporaryDirectory(prefix="dpo-policy-") as tmp:
+        policy_dir, adapter_dir = os.path.join(tmp, "policy"), os.path.join(tmp, ADAPTER_DIR)
+        save_merged(state, cfg, lm.config, policy_dir, adapter_dir)
+        save_tokenizer(cfg, policy_dir)
+        _publish(adapter_dir, storage.join(train_dir, ADAPTER_DIR))
+        _publish(policy_dir, dest)
+
+
+def save_tokenizer(cfg: Config, folder: str) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
+                                  trust_remote_code=cfg.model.trust_remote_code).save_pretrained(folder)
+
+
+def _publish(local_dir: str, dest: str) -> None:
+    """Replace the folder `dest` (a path or URI) by a copy of `local_dir`."""
+    storage.delete_dir(dest)
+    fs, path = storage.resolve(dest)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

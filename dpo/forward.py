@@ -21,7 +21,7 @@ the output head applied: the model's body gives hidden states, the scored
 positions are picked out, and head, log-softmax and gather run a chunk of
 positions at a time (dpo.logprobs), so the [2b, T, V] logits tensor never
 exists. A model whose causal-LM forward is more than head(body(x)) (logit
-soft-capping or scaling) would score differently; `check_response_head` finds
+soft-capping or scaling) would score differently; `settle_response_head` finds
 that out on the model itself, and such a model keeps the full-logits forward.
 """
 
@@ -35,14 +35,12 @@ import numpy as np
 import torch
 
 from dpo.logprobs import chunked_token_logps, gathered_token_logps
-from dpo.schema import scored_tokens
+from dpo.schema import Triple, scored_tokens
 
 log = logging.getLogger("raydpo.train")
 
 Layout = Literal["padded", "packed", "shared"]
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # the shared layout's segments
-# (prompt ids, chosen ids, rejected ids) of one pair
-Triple = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
 
 @dataclass
@@ -229,8 +227,9 @@ PROBE_PAIRS: list[Triple] = [([3, 5, 7, 11], [13, 2], [17, 19, 23]), ([29, 31], 
 
 
 @torch.no_grad()
-def check_response_head(model: torch.nn.Module, policy: PolicyLogps, device, autocast) -> bool:
-    """Whether the response-only forward scores as the full forward does on this model; else turn it off.
+def settle_response_head(model: torch.nn.Module, policy: PolicyLogps, device, autocast) -> None:
+    """Keep the response-only forward (`policy.response_only`) only if it scores as the full forward does on
+    this model.
 
     `model` is `policy` or its DDP/FSDP wrapper: under FSDP the forward is
     collective, so every rank runs this probe. The two paths agree to float
@@ -238,10 +237,10 @@ def check_response_head(model: torch.nn.Module, policy: PolicyLogps, device, aut
     """
     if not policy.response_only:
         if response_head_parts(policy.lm) is not None:  # turned off in the config
-            return False
+            return
         log.warning("%s does not expose its body and output head (get_decoder, get_output_embeddings): logits are "
                     "computed at every position", type(policy.lm).__name__)
-        return False
+        return
     vocab = policy.lm.get_output_embeddings().weight.shape[0]
     pairs = [tuple([t % vocab for t in part] for part in pair) for pair in PROBE_PAIRS]
     inputs = lay_out(pairs, 0, "padded").to(device)
@@ -253,9 +252,8 @@ def check_response_head(model: torch.nn.Module, policy: PolicyLogps, device, aut
     model.train(was_training)
     half = isinstance(autocast, torch.autocast) or next(policy.lm.parameters()).dtype != torch.float32
     tolerance = 1e-2 if half else 1e-4
-    if torch.allclose(full, response, atol=tolerance, rtol=tolerance):
-        return True
-    policy.response_only = False
-    log.warning("%s transforms its logits after the output head (full forward %s, head on hidden states %s): "
-                "logits are computed at every position", type(policy.lm).__name__, full.tolist(), response.tolist())
-    return False
+    if not torch.allclose(full, response, atol=tolerance, rtol=tolerance):
+        policy.response_only = False
+        log.warning("%s transforms its logits after the output head (full forward %s, head on hidden states %s): "
+                    "logits are computed at every position", type(policy.lm).__name__, full.tolist(),
+                    response.tolist())

@@ -34,7 +34,7 @@ from dpo.errors import UserError
 from dpo.model_folders import check_max_length, check_model_folder, read_model_config
 from dpo.job_cpus import refuse_unless_fits
 from dpo.lora import ADAPTER_DIR, check_lora_targets
-from dpo.losses import LossType
+from dpo.losses import needs_reference
 from dpo.trackers import RUNS_FILE, check_trackers
 
 log = logging.getLogger("raydpo.train")
@@ -67,14 +67,10 @@ class DatasetFolder:
         return bool(self.manifest.get("layout", {}).get("scored"))
 
 
-def needs_reference(cfg: Config) -> bool:
-    return any(LossType.parse(name).needs_reference for name in cfg.train.loss_types)
-
-
 def validate(cfg: Config, train: DatasetFolder) -> None:
     """The user's mistakes that would otherwise surface inside a worker."""
     t = cfg.train  # the loss settings themselves are checked when the config loads
-    if needs_reference(cfg) and not train.scored:
+    if needs_reference(t.loss_types) and not train.scored:
         raise UserError(f"{train.folder} holds no reference scores but train.loss_type {t.loss_type} needs "
                         "them; run jobs.precompute_reference (or jobs.pipeline) first")
     check_model_folder(cfg.model.policy, "model.policy")

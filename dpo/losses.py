@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from dpo.loss_options import LOSS_OPTION_NAMES, LossOptions
+from dpo.loss_options import BETA, LABEL_SMOOTHING, LOSS_OPTION_NAMES, LossArgumentError, LossOptions
 
 __all__ = [
     "LossOptions",
@@ -109,8 +109,8 @@ class LossType(str, Enum):
             for member in cls:
                 if member.value == key:
                     return member
-        raise ValueError(
-            f"unknown loss type {name!r}; valid loss types are: {', '.join(cls.names())}"
+        raise LossArgumentError(
+            "loss_type", f"loss_type: unknown loss type {name!r}; valid loss types are: {', '.join(cls.names())}"
         )
 
     @property
@@ -140,6 +140,12 @@ class LossType(str, Enum):
 
 
 _REFERENCE_FREE = frozenset({LossType.SIMPO, LossType.SFT})
+
+
+def needs_reference(loss_types: Sequence[Union[str, LossType]]) -> bool:
+    """Whether any of these losses reads the reference's log-probs: the one rule for scoring, the datasets
+    training reads, and the loss's inputs."""
+    return any(LossType.parse(name).needs_reference for name in loss_types)
 _LENGTH_NORMALIZED = frozenset({LossType.IPO, LossType.SIGMOID_NORM, LossType.SIMPO})
 _BATCH_LEVEL = frozenset({LossType.AOT, LossType.AOT_UNPAIRED})
 _LABEL_SMOOTHED = frozenset(
@@ -161,7 +167,7 @@ _OPTIONS_READ = {
     LossType.BCO_PAIR: frozenset({"bco_delta"}),
     LossType.DISCOPOP: frozenset({"discopop_tau"}),
     LossType.SIMPO: frozenset({"simpo_gamma"}),
-    LossType.ALPHA_DIVERGENCE: frozenset({"alpha"}),
+    LossType.ALPHA_DIVERGENCE: frozenset({"divergence_alpha"}),
 }
 assert set().union(*_OPTIONS_READ.values()) <= set(LOSS_OPTION_NAMES), "every option read needs a LossOptions field"
 
@@ -185,7 +191,7 @@ class PreferenceBatch:
     chosen_lengths: Optional[torch.Tensor]
     rejected_lengths: Optional[torch.Tensor]
     beta: float
-    label_smoothing: float = 0.0
+    label_smoothing: float
     options: LossOptions = field(default_factory=LossOptions)
 
     def logratios(self, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -608,7 +614,7 @@ def js_divergence_loss(b: PreferenceBatch) -> torch.Tensor:
 def alpha_divergence_loss(b: PreferenceBatch) -> torch.Tensor:
     """f-DPO with the α-divergence, f'(u) = (1 - u^(-α))/α, 0 <= α <= 1.
 
-    Shapes: π_c, π_r, ρ_c, ρ_r: [B] -> losses [B].  Option ``alpha`` (α).
+    Shapes: π_c, π_r, ρ_c, ρ_r: [B] -> losses [B].  Option ``divergence_alpha`` (α).
 
         d = (exp(-α·r_r) - exp(-α·r_c)) / α
         L = -(1-ε)·logσ(β·d) - ε·logσ(-β·d)
@@ -624,7 +630,7 @@ def alpha_divergence_loss(b: PreferenceBatch) -> torch.Tensor:
     Diverse Divergence Constraints." arXiv:2309.16240.
     """
     r_c, r_r = b.logratios()
-    alpha = float(b.options.alpha)
+    alpha = float(b.options.divergence_alpha)
     if alpha == 0.0:
         d = r_c - r_r
     else:
@@ -667,8 +673,8 @@ def _parse_loss_types(loss_type: LossTypeArg) -> list[LossType]:
         return [LossType.parse(loss_type)]
     types = [LossType.parse(t) for t in loss_type]
     if not types:
-        raise ValueError(
-            f"loss_type is an empty list; give at least one of: {', '.join(LossType.names())}"
+        raise LossArgumentError(
+            "loss_type", f"loss_type is an empty list; give at least one of: {', '.join(LossType.names())}"
         )
     return types
 
@@ -676,15 +682,15 @@ def _parse_loss_types(loss_type: LossTypeArg) -> list[LossType]:
 def check_loss_config(
     loss_type: LossTypeArg = "sigmoid",
     *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
+    beta: float = BETA,
+    label_smoothing: float = LABEL_SMOOTHING,
     **options: Any,
 ) -> tuple[list[LossType], list[float]]:
     """Validate loss arguments without tensors; return ``(loss types, weights)``.
 
-    Raises ValueError, naming the argument and the fix, on: an unknown loss
+    Raises LossArgumentError, naming the argument and the fix (an unknown option: ValueError), on: an unknown loss
     name or option, beta <= 0, label_smoothing outside [0, 0.5), exo_pair with
-    label_smoothing = 0, loss_weights of the wrong length, alpha outside
+    label_smoothing = 0, loss_weights of the wrong length, divergence_alpha outside
     [0, 1], discopop_tau <= 0, or label_smoothing > 0 when no loss uses it.
     """
     types, weights, _ = _resolve(loss_type, beta, label_smoothing, options)
@@ -711,36 +717,37 @@ def _resolve(
     else:
         weights = [float(w) for w in weights]
         if len(weights) != len(types):
-            raise ValueError(
-                f"loss_weights has {len(weights)} entries but loss_type names {len(types)} "
+            raise LossArgumentError(
+                "loss_weights", f"loss_weights has {len(weights)} entries but loss_type names {len(types)} "
                 f"loss(es) ({', '.join(map(str, types))}); give one weight per loss"
             )
         if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"loss_weights must be finite numbers, got {weights}")
+            raise LossArgumentError("loss_weights", f"loss_weights must be finite numbers, got {weights}")
 
     if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive number, got {beta}")
+        raise LossArgumentError("beta", f"beta must be a positive number, got {beta}")
     if not (0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+        raise LossArgumentError("label_smoothing", f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if label_smoothing > 0 and not any(t.uses_label_smoothing for t in types):
         users = ", ".join(str(t) for t in LossType if t.uses_label_smoothing)
-        raise ValueError(
-            f"label_smoothing={label_smoothing} has no effect on loss_type "
+        raise LossArgumentError(
+            "label_smoothing", f"label_smoothing={label_smoothing} has no effect on loss_type "
             f"{', '.join(map(str, types))}; set it to 0 or use one of: {users}"
         )
     if LossType.EXO_PAIR in types and label_smoothing == 0.0:
-        raise ValueError(
-            "loss_type exo_pair needs label_smoothing > 0 (it is the ε of the EXO target "
+        raise LossArgumentError(
+            "loss_type", "loss_type exo_pair needs label_smoothing > 0 (it is the ε of the EXO target "
             "[1-ε, ε]); the EXO paper recommends label_smoothing=1e-3"
         )
     if LossType.ALPHA_DIVERGENCE in types:
-        alpha = float(opts.alpha)
+        alpha = float(opts.divergence_alpha)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha (of alpha_divergence) must lie in [0, 1], got {alpha}")
+            raise LossArgumentError("divergence_alpha",
+                                    f"divergence_alpha (of alpha_divergence) must lie in [0, 1], got {alpha}")
     if LossType.DISCOPOP in types:
         tau = float(opts.discopop_tau)
         if not (math.isfinite(tau) and tau > 0):
-            raise ValueError(f"discopop_tau must be a positive number, got {tau}")
+            raise LossArgumentError("discopop_tau", f"discopop_tau must be a positive number, got {tau}")
     return types, weights, opts
 
 
@@ -759,8 +766,8 @@ def preference_loss(
     ref_rejected_logps: Optional[torch.Tensor],
     *,
     loss_type: LossTypeArg = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
+    beta: float = BETA,
+    label_smoothing: float = LABEL_SMOOTHING,
     chosen_lengths: Optional[torch.Tensor] = None,
     rejected_lengths: Optional[torch.Tensor] = None,
     **options: Any,
@@ -788,7 +795,7 @@ def preference_loss(
             which divide summed log-probs by them; sft divides by chosen_lengths when
             given. A caller whose log-probs are already per-token means passes ones.
         **options: loss-specific knobs, see :class:`LossOptions`: ``loss_weights``,
-            ``simpo_gamma``, ``alpha``, ``discopop_tau``, ``bco_delta``.
+            ``simpo_gamma``, ``divergence_alpha``, ``discopop_tau``, ``bco_delta``.
 
     Returns:
         A :class:`LossOutput` ``(losses, chosen_rewards, rejected_rewards)``, each of shape

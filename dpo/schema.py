@@ -12,8 +12,13 @@ dpo never imports pipeline.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pyarrow as pa
+
+# (prompt ids, chosen ids, rejected ids) of one pair: what both forwards and both scorers take
+Triple = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
 PAIR_ID = "pair_id"
 PROMPT_IDS = "prompt_ids"

@@ -28,6 +28,7 @@ from dpo.errors import UserError
 from dpo.model_folders import read_model_config
 from dpo.forward import PolicyLogps
 from dpo.lora import add_adapters
+from dpo.runtime import load_lm
 
 
 def load_policy(cfg: Config, device: torch.device, rank: int) -> PolicyLogps:
@@ -38,8 +39,7 @@ def load_policy(cfg: Config, device: torch.device, rank: int) -> PolicyLogps:
     kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                   attn_implementation=cfg.model.attn_implementation)
     if cfg.train.strategy == "ddp" or rank == 0:
-        # safetensors only: a pickled .bin checkpoint can run code when it is loaded.
-        lm = AutoModelForCausalLM.from_pretrained(cfg.model.policy, use_safetensors=True, **kwargs)
+        lm = load_lm(cfg.model.policy, **kwargs)
         if cfg.train.strategy == "ddp":
             return _policy(lm, cfg).to(device)
     else:

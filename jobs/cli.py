@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Optional
 from dpo.config import Config, load_config
 from dpo.errors import UserError
 from dpo.job_cpus import note_free_cpus
-from jobs.logs import FILE_ONLY, JobLog, setup_terminal
-from pipeline.vllm_build import check_torchvision
+from jobs.logs import FILE_ONLY, JobLog, setup_terminal, show
+from pipeline.vllm_scorer import check_torchvision
 
 log = logging.getLogger("raydpo")
 # How long a cluster's GCS is given to accept a connection before the job counts it dead.
@@ -45,7 +45,6 @@ def init_ray(job_log: JobLog) -> None:
 
     if ray.is_initialized():
         return
-    job_log.route_ray_loggers()
     # Marks our workers' log lines, which the terminal shows (dpo.worker_logs).
     runtime_env = {"worker_process_setup_hook": "dpo.worker_logs.mark_our_records", "env_vars": ray_env_vars()}
     # Under `ray job submit` RAY_ADDRESS points at the cluster and the job's
@@ -69,13 +68,11 @@ def ray_address() -> Optional[str]:
     the fix; a dead recorded one, which the user did not ask for, is passed over for a local Ray, said in one
     line. A `ray://` or `local` address is Ray's to handle.
     """
-    from ray._private.services import canonicalize_bootstrap_address  # Ray 2.60: RAY_ADDRESS, else the record
-
     asked = os.environ.get("RAY_ADDRESS")
     if asked and "://" in asked:
         return None
-    address = canonicalize_bootstrap_address(None)
-    if address is None or _gcs_answers(address):
+    address = asked if asked not in (None, "", "auto") else _recorded_address()
+    if address is None or address == "local" or _gcs_answers(address):
         return None
     if asked:
         raise UserError(f"RAY_ADDRESS={asked}: no Ray cluster answers at {address}; start it, or unset RAY_ADDRESS "
@@ -84,6 +81,16 @@ def ray_address() -> Optional[str]:
                 "ended without `ray stop`): this job starts a local Ray instead; `ray stop` clears the record, "
                 "RAY_ADDRESS names another cluster", address)
     return "local"
+
+
+def _recorded_address() -> Optional[str]:
+    """The address the last `ray start` on this machine wrote where Ray 2.60 looks for it (no public API reads it)."""
+    temp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    try:
+        with open(os.path.join(temp or "/tmp", "ray", "ray_current_cluster"), encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
 
 
 def _gcs_answers(address: str) -> bool:
@@ -120,7 +127,7 @@ def job(name: str, argv: Optional[list[str]], description: str, extra=None,
             raise
         log.error("error: %s", cause, extra=FILE_ONLY)
         sys.stdout.flush()
-        print(f"error: {cause}", file=sys.stderr)
+        show(f"error: {cause}", err=True)
         sys.exit(2)
     finally:
         if job_log is not None:

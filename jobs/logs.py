@@ -1,27 +1,35 @@
 """Where a job's output goes: what a user needs on the terminal, everything in the job's log file.
 
 The terminal shows this project's log lines (the log file's path first, then
-the stages' progress), the summary tables, the one-line error, the lines our
-code logs in Ray's workers (the training progress; dpo.worker_logs marks them),
-Ray's autoscaler and raylet messages (a node out of memory, a request no node
-can hold), and errors from any library. The log file,
-`{run.output_dir}/logs/<job>-<YYYYmmdd-HHMMSS>.log`, holds all of that and the
-rest: the resolved config, INFO and up of every library on the driver (Ray
-Data's progress reports among them), Python warnings, every line any worker
-prints, and what Ray's C++ core writes to the driver's stderr: file descriptor 2
-points at the file while the job runs, and Python's sys.stderr at the terminal.
+the stages' progress), the summary tables and the one-line error (`show`), the
+lines our code logs in Ray's workers (the training progress; dpo.worker_logs
+marks them), Ray's autoscaler and raylet messages (a node out of memory, a
+request no node can hold), and errors from any library. The log file,
+`{run.output_dir}/logs/<job>-<YYYYmmdd-HHMMSS>.log`, holds all of that but the
+tables and the rest: the resolved config, INFO and up of every library on the
+driver (Ray Data's progress reports among them), Python warnings, every line
+any worker prints, and what Ray's C++ core writes to the driver's stderr.
+
+No private Ray API: `logging.config.dictConfig` routes the driver's loggers,
+Ray's among them; Ray prints its workers' lines on the driver's sys.stdout and
+sys.stderr (`ray.init(log_to_driver=True)`, its default), which are `WorkerLines`
+while the job runs; file descriptor 2 points at the file, since Ray's C++ core
+writes there and no setting of Ray's sends its notices elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import functools
 import io
 import logging
+import logging.config
 import os
+import re
 import sys
 import tempfile
-from typing import Callable
+import threading
+from typing import Optional, TextIO
 
 from dpo import storage
 from dpo.config import Config
@@ -32,6 +40,11 @@ FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FILE_ONLY = {"terminal": False}
 # Ray's own loggers on the driver, each with a console handler of its own.
 RAY_LOGGERS = ("ray", "ray.data")
+# What Ray's driver prints before a line of its raylet or autoscaler (after its colour codes): the terminal shows those.
+RAY_NOTICE = re.compile(r"\((raylet|autoscaler)\b")
+COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+# The streams our own output goes to while sys.stdout and sys.stderr carry the workers' lines.
+_terminal: Optional[tuple[TextIO, TextIO]] = None
 
 
 def for_terminal(record: logging.LogRecord) -> bool:
@@ -40,12 +53,10 @@ def for_terminal(record: logging.LogRecord) -> bool:
     return record.levelno >= (logging.INFO if is_ours(record.name) else logging.ERROR)
 
 
-def setup_terminal() -> None:
-    """Before the config is read (and with it where the log file goes): the terminal only."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(FILE_FORMAT, datefmt="%H:%M:%S"))
-    handler.addFilter(for_terminal)
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+def show(text: str, err: bool = False) -> None:
+    """Our own output for the terminal: the summary tables, the error line."""
+    out, errs = _terminal or (sys.stdout, sys.stderr)
+    print(text, file=errs if err else out, flush=True)
 
 
 def _uses_fd2(stream) -> bool:
@@ -53,6 +64,30 @@ def _uses_fd2(stream) -> bool:
         return stream.fileno() == 2
     except (AttributeError, OSError, io.UnsupportedOperation):  # pytest's capture, a StringIO
         return False
+
+
+def _terminal_handler() -> dict:
+    return {"class": "logging.StreamHandler", "stream": sys.stdout, "formatter": "terminal", "filters": ["terminal"]}
+
+
+def _config(handlers: dict) -> dict:
+    """Every record through the root's handlers, Ray's loggers losing their own console handlers; the workers'
+    lines (`WorkerLines`) to the file alone."""
+    filed = [name for name in handlers if name == "file"]
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"terminal": {"format": FILE_FORMAT, "datefmt": "%H:%M:%S"}, "file": {"format": FILE_FORMAT}},
+        "filters": {"terminal": {"()": lambda: for_terminal}},
+        "handlers": handlers,
+        "root": {"level": "INFO", "handlers": list(handlers)},
+        "loggers": {**{name: {"handlers": [], "propagate": True} for name in RAY_LOGGERS},
+                    "workers": {"handlers": filed, "propagate": False, "level": "INFO"}},
+    }
+
+
+def setup_terminal() -> None:
+    """Before the config is read (and with it where the log file goes): the terminal only."""
+    logging.config.dictConfig(_config({"terminal": _terminal_handler()}))
 
 
 class JobLog:
@@ -70,131 +105,102 @@ class JobLog:
         else:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self.local = self.path
-        self.stream = open(self.local, "a", encoding="utf-8", buffering=1)
-        self.handler = logging.StreamHandler(self.stream)
-        self.handler.setFormatter(logging.Formatter(FILE_FORMAT))
-        self.handler.setLevel(logging.INFO)
-        self.owns_ray = False
-        self._undo: list[Callable[[], None]] = []
-        root = logging.getLogger()
-        root.addHandler(self.handler)
-        self._undo.append(lambda: root.removeHandler(self.handler))
+        import ray.data  # noqa: F401 (its import gives the ray.data logger the handlers that _config takes away)
+
+        logging.config.dictConfig(_config({
+            "terminal": _terminal_handler(),
+            "file": {"class": "logging.FileHandler", "filename": self.local, "encoding": "utf-8",
+                     "formatter": "file", "level": "INFO"}}))
         logging.captureWarnings(True)
-        self._undo.append(lambda: logging.captureWarnings(False))
+        self.owns_ray = False
+        self._redirects = contextlib.ExitStack()
+        self._workers: list[WorkerLines] = []
         self._point_fd2_at_file()
 
     def _point_fd2_at_file(self) -> None:
+        """fd 2 to the file; our own stderr output (`show`) to the terminal through a copy of the old fd 2."""
+        global _terminal
         sys.stderr.flush()
         saved = os.dup(2)
-        os.dup2(self.stream.fileno(), 2)
-
-        def restore_fd2() -> None:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-        self._undo.append(restore_fd2)
-        if _uses_fd2(sys.stderr):
-            before = sys.stderr
-            sys.stderr = open(os.dup(saved), "w", encoding=before.encoding, errors="backslashreplace", buffering=1)
-
-            def restore_stderr() -> None:
-                sys.stderr.close()
-                sys.stderr = before
-
-            self._undo.append(restore_stderr)
-
-    def route_ray_loggers(self) -> None:
-        """Before ray.init: Ray's driver loggers lose their console handlers and log through the root's."""
-        import ray.data  # noqa: F401 (configures the ray.data logger)
-        from ray._private.log import PlainRayHandler
-
-        for name in RAY_LOGGERS:
-            logger = logging.getLogger(name)
-            consoles = [h for h in logger.handlers if isinstance(h, PlainRayHandler)]
-            propagated = logger.propagate
-            for handler in consoles:
-                logger.removeHandler(handler)
-            logger.propagate = True
-
-            def restore(logger=logger, consoles=consoles, propagated=propagated) -> None:
-                for handler in consoles:
-                    logger.addHandler(handler)
-                logger.propagate = propagated
-
-            self._undo.append(restore)
+        fd = os.open(self.local, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, 2)
+        os.close(fd)
+        err = sys.stderr
+        if _uses_fd2(err):
+            err = open(os.dup(saved), "w", encoding=err.encoding, errors="backslashreplace", buffering=1)
+            self._redirects.callback(err.close)
+        self._redirects.callback(os.close, saved)
+        self._redirects.callback(os.dup2, saved, 2)
+        _terminal = (sys.stdout, err)
 
     def route_worker_lines(self) -> None:
-        """After this job's ray.init: the lines Ray's workers print go to the file, and only ours to the terminal.
+        """After this job's ray.init: the lines Ray prints of its workers go to the file, and only ours to the terminal.
 
-        Replaces the handler through which Ray's driver prints its workers' lines
-        (Ray 2.60's worker stdstream dispatcher, a private API), keeping Ray's own
-        printing for the lines the terminal shows; the job then owns this Ray and
-        shuts it down in `close`, so that no late line escapes the file.
+        The job then owns this Ray and shuts it down in `close`, so that no late line escapes the file.
         """
-        import ray
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
         self.owns_ray = True
-        printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
-        if not printers:
-            return
-        filed = logging.getLogger("workers")
-        filed.propagate = False
-        filed.setLevel(logging.INFO)
-        filed.addHandler(self.handler)
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", functools.partial(route_worker_batch, printers[0], filed))
-
-        def restore() -> None:
-            filed.removeHandler(self.handler)
-            dispatcher.remove_handler("ray_print_logs")
-            if ray.is_initialized():
-                dispatcher.add_handler("ray_print_logs", printers[0])
-
-        self._undo.append(restore)
+        self._workers = [WorkerLines(stream) for stream in _terminal]
+        self._redirects.enter_context(contextlib.redirect_stdout(self._workers[0]))
+        self._redirects.enter_context(contextlib.redirect_stderr(self._workers[1]))
 
     def close(self) -> None:
+        global _terminal
         if self.owns_ray:
             import ray
 
             ray.shutdown()
-        for undo in reversed(self._undo):
-            undo()
-        self.stream.close()
+        for lines in self._workers:
+            lines.flush()
+        self._redirects.close()
+        _terminal = None
+        logging.captureWarnings(False)
+        setup_terminal()
         if self.local != self.path:
             try:
                 with open(self.local, "rb") as fh:
                     storage.write_bytes(self.path, fh.read())
             except OSError as exc:  # the job's own outcome, not the log's upload, is what the user must see
-                print(f"warning: the job's log could not be written to {self.path} ({exc}); it stays at {self.local}",
-                      file=sys.stderr)
+                show(f"warning: the job's log could not be written to {self.path} ({exc}); it stays at {self.local}",
+                     err=True)
                 return
             os.remove(self.local)
 
 
-def route_worker_batch(print_lines: Callable[[dict], None], filed: logging.Logger, batch: dict) -> None:
-    """Files every line of a batch from one worker; hands `print_lines` (Ray's printer) the ones the terminal shows.
+class WorkerLines(io.TextIOBase):
+    """sys.stdout or sys.stderr while a job runs: what Ray prints there is its workers' output.
 
-    The autoscaler's batches are its whole log, a status table every few seconds;
-    Ray's printer shows only their events (a request no node can hold), and so
-    does the file.
+    Every line goes to the log file (logger `workers`, without Ray's colour codes); the terminal gets the lines
+    our code marked (the mark taken off) and Ray's raylet and autoscaler notices, as Ray printed them.
     """
-    if batch.get("pid") == "autoscaler":
-        from ray._private.worker import filter_autoscaler_events
 
-        for line in filter_autoscaler_events(batch.get("lines", [])):
-            filed.info("(autoscaler) %s", line)
-        print_lines(batch)
-        return
-    source = batch.get("actor_name") or batch.get("task_name")
-    prefix = f"({source} pid={batch.get('pid')}) " if source else f"(pid={batch.get('pid')}) "
-    shown = []
-    for line in batch.get("lines", []):
-        if line.startswith(TERMINAL_MARK):
-            line = line[len(TERMINAL_MARK):]
-            shown.append(line)
-        filed.info("%s%s", prefix, line)
-    if batch.get("pid") == "raylet":
-        print_lines(batch)
-    elif shown:
-        print_lines({**batch, "lines": shown})
+    def __init__(self, terminal: TextIO):
+        self.terminal = terminal
+        self.filed = logging.getLogger("workers")
+        self._partial = ""
+        self._lock = threading.Lock()  # Ray prints from its own thread
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._route(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._route(self._partial)
+                self._partial = ""
+        self.terminal.flush()
+
+    def _route(self, line: str) -> None:
+        ours = TERMINAL_MARK in line
+        if ours:
+            line = line.replace(TERMINAL_MARK, "", 1)
+        plain = COLOURS.sub("", line)
+        self.filed.info("%s", plain)
+        if ours or RAY_NOTICE.match(plain):
+            print(line, file=self.terminal, flush=True)

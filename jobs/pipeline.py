@@ -19,10 +19,11 @@ from dpo.launch import refuse_unless_training_fits
 from dpo.errors import UserError
 from jobs import train as train_job
 from jobs.cli import job
+from jobs.logs import show
 from jobs.summary import print_dataset_summary, table
 from pipeline.models import PRESETS, build_local_model, iter_texts
 from pipeline.precompute import precompute
-from pipeline.prepare import dataset_folder, prepare, split_files
+from pipeline.prepare import dataset_folder, dataset_kind, prepare, split_files
 
 log = logging.getLogger("raydpo")
 
@@ -53,14 +54,14 @@ def main(argv=None) -> None:
     started = time.time()
     with job("pipeline", argv, __doc__, extra=_flags, before_ray=before_ray) as (cfg, args):
         refuse_unless_training_fits(cfg)  # before the stages, not after an hour of scoring
-        kind = train_job.dataset_kind(cfg)
+        kind = dataset_kind(cfg)
         stage = precompute if kind == "reference" else prepare
         for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
             manifest = stage(cfg, split)
             print_dataset_summary(f"{kind} ({split})", dataset_folder(cfg, kind, split), manifest)
         train_job.run(cfg)
-        print(table("pipeline", [("total time (s)", round(time.time() - started, 1)),
-                                 ("output", cfg.run.output_dir)]), flush=True)
+        show(table("pipeline", [("total time (s)", round(time.time() - started, 1)),
+                                 ("output", cfg.run.output_dir)]))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from jobs.logs import show
+
 
 def table(title: str, rows: Iterable[tuple[str, object]]) -> str:
     rows = [(k, str(v)) for k, v in rows]
@@ -31,4 +33,4 @@ def print_dataset_summary(title: str, folder: str, manifest: dict) -> None:
     if manifest.get("redelivered_rows"):
         rows.append(("rows delivered twice (kept once)", manifest["redelivered_rows"]))
     rows.append(("output", folder))
-    print(table(title, rows), flush=True)
+    show(table(title, rows))

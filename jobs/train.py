@@ -6,34 +6,15 @@ that the config's own fingerprint matches, and writes {run.output_dir}/train/.
 
 from __future__ import annotations
 
-from typing import Optional
-
-from dpo import fingerprint as fpr
 from dpo.config import Config
 from dpo.model_folders import check_model_folders
 from dpo.trackers import check_trackers
-from dpo.launch import DatasetFolder, needs_reference, train
+from dpo.launch import train
+from dpo.losses import needs_reference
 from jobs.cli import job
+from jobs.logs import show
 from jobs.summary import table
-from pipeline.prepare import dataset_folder, split_files
-from pipeline.tokenize import TOKENIZATION_VERSION
-
-
-def dataset_kind(cfg: Config) -> str:
-    return "reference" if needs_reference(cfg) else "prepared"
-
-
-def find_datasets(cfg: Config) -> tuple[DatasetFolder, Optional[DatasetFolder]]:
-    """The finished train (and eval) datasets, refused unless their fingerprints match the config."""
-    kind = dataset_kind(cfg)
-    found = []
-    for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
-        folder = dataset_folder(cfg, kind, split)
-        expected = fpr.compute(cfg, split_files(cfg, split), with_reference=kind == "reference",
-                               tokenization_version=TOKENIZATION_VERSION)
-        made_by = "jobs.precompute_reference" if kind == "reference" else "jobs.prepare"
-        found.append(DatasetFolder(folder, fpr.check(folder, expected, made_by=made_by)))
-    return found[0], (found[1] if len(found) > 1 else None)
+from pipeline.prepare import find_datasets
 
 
 def print_train_summary(result: dict) -> None:
@@ -52,7 +33,7 @@ def print_train_summary(result: dict) -> None:
                  ("eval/rewards/margins", num("eval/rewards/margins"))]
     rows += [("metrics", result["metrics_path"]), ("report", result.get("report") or "-"),
              ("policy", result["policy"] or "not saved")]
-    print(table("train", rows), flush=True)
+    show(table("train", rows))
 
 
 def run(cfg: Config) -> dict:
@@ -64,7 +45,7 @@ def run(cfg: Config) -> dict:
 
 def check_before_ray(cfg: Config, _args=None) -> None:
     """The model folders and trackers training needs, checked before Ray starts."""
-    check_model_folders(cfg.model, policy=True, reference=needs_reference(cfg))
+    check_model_folders(cfg.model, policy=True, reference=needs_reference(cfg.train.loss_types))
     check_trackers(cfg)
 
 

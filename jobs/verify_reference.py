@@ -24,9 +24,10 @@ from dpo import schema, storage
 from dpo.errors import UserError
 from dpo.model_folders import check_model_folders
 from jobs.cli import job, log
+from jobs.logs import show
 from jobs.summary import table
 from pipeline.prepare import dataset_folder, split_files
-from pipeline.scoring import HFScorer
+from pipeline.hf_scorer import HFScorer
 from pipeline.tokenize import TOKENIZATION_VERSION
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
         tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[cfg.model.dtype]
         worst = sorted(diffs, key=lambda d: -d["per_token"])
         n = len(diffs)
-        print(table(f"verify reference ({args.split}; cached {manifest.get('backend')}/{manifest.get('dtype')} "
+        show(table(f"verify reference ({args.split}; cached {manifest.get('backend')}/{manifest.get('dtype')} "
                     f"vs hf/{cfg.model.dtype})", [
                         ("pairs rescored", n),
                         ("mean |diff| per pair", f"{sum(d['abs_diff'] for d in diffs) / n:.3g}"),
@@ -85,9 +86,9 @@ def main(argv=None) -> None:
                         ("mean |diff| per token", f"{sum(d['per_token'] for d in diffs) / n:.3g}"),
                         ("max |diff| per token", f"{worst[0]['per_token']:.3g}"),
                         ("tolerance per token", f"{tolerance:.3g}"),
-                    ]), flush=True)
+                    ]))
         for d in worst[:5]:
-            print(json.dumps({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in d.items()}))
+            show(json.dumps({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in d.items()}))
         bad = [d for d in diffs if not d["per_token"] <= tolerance]  # NaN fails too
         if args.json:
             storage.write_text(args.json, json.dumps({
@@ -95,11 +96,11 @@ def main(argv=None) -> None:
                 "fresh": f"hf/{cfg.model.dtype}", "tolerance_per_token": tolerance, "failed": len(bad),
                 "pairs": diffs}, indent=1))
         if bad:
-            print(f"FAILED: {len(bad)} of {n} pairs differ by more than {tolerance:g} nats per token, worst "
-                  f"{', '.join(d['pair_id'] for d in worst[:3])}; the cached scores do not match the reference "
-                  "model: rerun jobs.precompute_reference into a new run.output_dir", file=sys.stderr)
+            show(f"FAILED: {len(bad)} of {n} pairs differ by more than {tolerance:g} nats per token, worst "
+                 f"{', '.join(d['pair_id'] for d in worst[:3])}; the cached scores do not match the reference "
+                 "model: rerun jobs.precompute_reference into a new run.output_dir", err=True)
             sys.exit(1)
-        print(f"OK: all {n} pairs within {tolerance:g} nats per token")
+        show(f"OK: all {n} pairs within {tolerance:g} nats per token")
 
 
 if __name__ == "__main__":

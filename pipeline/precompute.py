@@ -10,15 +10,16 @@ from dpo import fingerprint as fpr
 from dpo import storage
 from dpo.config import Config
 from pipeline.prepare import dataset_folder, reuse_if_complete, split_files
-from pipeline.scoring import ReferenceScorer, actor_pool, check_reference_model, map_pool
+from pipeline.scoring import ReferenceScorer
+from pipeline.scoring_pool import actor_pool, check_reference_model, map_pool
 from pipeline.stage import run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
-from pipeline.vllm_build import require_vllm
+from pipeline.vllm_scorer import require_vllm
 
 log = logging.getLogger(__name__)
 
 
-def scorer(cfg: Config) -> str:
+def scorer_id(cfg: Config) -> str:
     """What turns the tokens into scores besides the weights: the backend, vLLM's build and version, the dtype.
 
     Part of the reference dataset's fingerprint, so that a rerun never mixes in
@@ -63,7 +64,7 @@ def precompute(cfg: Config, split: str = "train") -> dict:
 
 def _score(cfg: Config, split: str, files: list[str]) -> dict:
     fingerprint = {**fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION),
-                   "scorer": scorer(cfg)}
+                   "scorer": scorer_id(cfg)}
     folder = dataset_folder(cfg, "reference", split)
     manifest = reuse_if_complete(folder, fingerprint)
     if manifest is not None:

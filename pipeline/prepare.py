@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from dpo import fingerprint as fpr
 from dpo import storage
 from dpo.config import Config
+from dpo.launch import DatasetFolder
+from dpo.losses import needs_reference
 from pipeline.read import expand_inputs
 from pipeline.stage import run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
@@ -23,6 +26,24 @@ def split_files(cfg: Config, split: str) -> list[str]:
 
 def dataset_folder(cfg: Config, kind: str, split: str) -> str:
     return storage.join(cfg.run.output_dir, kind + SPLITS[split][1])
+
+
+def dataset_kind(cfg: Config) -> str:
+    """What training reads: the reference dataset for a loss that needs the reference, else the prepared one."""
+    return "reference" if needs_reference(cfg.train.loss_types) else "prepared"
+
+
+def find_datasets(cfg: Config) -> tuple[DatasetFolder, Optional[DatasetFolder]]:
+    """The finished train (and eval) datasets, refused unless their fingerprints match the config."""
+    kind = dataset_kind(cfg)
+    found = []
+    for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
+        folder = dataset_folder(cfg, kind, split)
+        expected = fpr.compute(cfg, split_files(cfg, split), with_reference=kind == "reference",
+                               tokenization_version=TOKENIZATION_VERSION)
+        made_by = "jobs.precompute_reference" if kind == "reference" else "jobs.prepare"
+        found.append(DatasetFolder(folder, fpr.check(folder, expected, made_by=made_by)))
+    return found[0], (found[1] if len(found) > 1 else None)
 
 
 def reuse_if_complete(folder: str, fingerprint: dict):

@@ -114,7 +114,7 @@ def one_torch_thread():
 def independent_logp():
     """log π(response | prompt) the plain way: one pair per forward, no padding, a hand loop over tokens, in float64.
 
-    The yardstick for the cached scores: it shares no code with pipeline.scoring or dpo.logprobs. It runs in
+    The yardstick for the cached scores: it shares no code with the scorers or dpo.logprobs. It runs in
     float64 because it stands for the exact value an fp32 path approximates. On 32 HH pairs of the tiny model
     (replies up to -870 nats) the fp32 scorer sits 5.5e-6 from it and a plain fp32 forward 6.4e-6, so two fp32
     paths can differ by 1.0e-5 from each other while each holds the 1e-5 contract.

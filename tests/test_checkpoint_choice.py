@@ -32,7 +32,7 @@ def test_lost_report_resumes_from_our_newest_complete_checkpoint(own):
     """Whatever Ray last heard of (step 4, or nothing): step 6, the newest complete one, not the half-written 8."""
     assert ckpt.complete_steps(str(own)) == [4, 6]
     assert ckpt.newest(str(own)) == ckpt.folder(str(own), 6)
-    assert ckpt.read_step(ckpt.newest(str(own))) == 6
+    assert ckpt.read_state(ckpt.newest(str(own)))["step"] == 6
 
 
 def test_a_retried_step_starts_from_an_empty_folder_and_pruning_keeps_the_newest(own):
@@ -49,7 +49,7 @@ def test_a_retried_step_starts_from_an_empty_folder_and_pruning_keeps_the_newest
 def test_ray_is_given_a_pointer_without_weights(tmp_path):
     ckpt.pointer(str(tmp_path), 12)
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.STATE]
-    assert ckpt.read_step(str(tmp_path)) == 12
+    assert ckpt.read_state(str(tmp_path))["step"] == 12
 
 
 def test_fresh_start_when_nothing_exists(tmp_path):

@@ -31,6 +31,7 @@ def test_overrides_are_yaml_scalars_and_lists():
     (["data.max_prompt_length=600"], "data.max_prompt_length (600) must be smaller than data.max_length (512)"),
     (["train.loss_type=sigmod"], "train.loss_type: unknown loss type 'sigmod'; valid loss types are:"),
     (["train.loss_type=[sigmoid,sft]", "train.loss_weights=[1]"], "train.loss_weights has 1 entries"),
+    (["train.alpha=0.3"], "train.alpha is now train.divergence_alpha (the α of loss_type alpha_divergence)"),
     (["train.num_workers"], "is not key=value"),
     (["train.num_workers.x=1"], "config key 'train.num_workers': input should be a valid integer"),
     # The knob train.report_to replaced: an old config is told what to write instead.
@@ -96,7 +97,12 @@ def test_every_loss_option_is_a_train_key_that_reaches_the_loss():
     (["train.loss_type=[]"], "train.loss_type is an empty list; give at least one of: sigmoid,"),
     (["train.loss_weights=[1,2]"], "train.loss_weights has 2 entries but loss_type names 1 loss(es) (sigmoid)"),
     (["train.loss_type=discopop", "train.discopop_tau=0"], "train.discopop_tau must be a positive number"),
-    (["train.loss_type=alpha_divergence", "train.alpha=2"], "train.alpha (of alpha_divergence) must lie in"),
+    (["train.loss_type=alpha_divergence", "train.divergence_alpha=2"],
+     "train.divergence_alpha (of alpha_divergence) must lie in"),
+    # beta's and label_smoothing's ranges are checked in dpo.losses alone, as the other loss keys are.
+    (["train.beta=-1"], "train.beta must be a positive number, got -1.0"),
+    (["train.label_smoothing=0.5"], "train.label_smoothing must lie in [0, 0.5), got 0.5"),
+    (["train.loss_type=exo_pair"], "train.loss_type exo_pair needs label_smoothing > 0"),
 ])
 def test_loss_mistakes_name_their_train_key(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -63,7 +63,7 @@ def test_with_policy_equal_to_reference_the_first_loss_is_ln2_per_token_too(tmp_
     """
     from transformers import AutoModelForCausalLM
 
-    from pipeline.scoring import HFScorer
+    from pipeline.hf_scorer import HFScorer
 
     records = [{"prompt": "", "chosen": "Paris is the capital.", "rejected": "No idea."},
                {"prompt": "", "chosen": "Yes", "rejected": "It is not so, I think."},
@@ -199,7 +199,7 @@ def test_both_warmups_are_refused_naming_both_keys():
 def test_max_steps_capped_by_the_epochs_is_said():
     """20 steps an epoch, train.epochs=2: 40 steps at most. max_steps 50 is capped at 40, and one line says
     so; 30 runs 30, and no max_steps runs the 40, without a word."""
-    from dpo.train_loop import training_steps
+    from dpo.schedule import training_steps
 
     assert training_steps(TrainConfig(max_steps=50, epochs=2), 20) == (
         40, "train.max_steps=50 is capped at 40 steps by train.epochs=2 (20 steps an epoch); raise train.epochs "
@@ -208,7 +208,7 @@ def test_max_steps_capped_by_the_epochs_is_said():
     assert training_steps(TrainConfig(epochs=2), 20) == (40, None)
 
 
-def test_a_resume_over_another_horizon_says_so_and_follows_the_new_curve():
+def test_a_resume_over_another_horizon_says_so_and_follows_the_changed_horizons_curve():
     """Linear decay, learning rate 1e-3, 2 warmup steps; 6 steps done of 10, resumed with 20.
 
     The factor of 0-based step s after warmup is 1 - (s - 2) / (total - 2). Step 7 (s = 6): 1 - 4/8 = 0.5 of
@@ -216,7 +216,7 @@ def test_a_resume_over_another_horizon_says_so_and_follows_the_new_curve():
     5e-4, which step 7 used to train at; now it takes the new curve's, and step 8 (s = 7) 1 - 5/18 = 13/18.
     Resumed over the same 10 steps: the restored scheduler, 5e-4, and no line.
     """
-    from dpo.train_loop import lr_schedule, resumed_schedule
+    from dpo.schedule import lr_schedule, resumed_schedule
 
     t = TrainConfig(learning_rate=1e-3, lr_scheduler="linear", warmup_steps=2)
 

@@ -1,6 +1,6 @@
-"""dpo.forward: the three layouts and the response-only head, against today's padded full-logits forward.
+"""dpo.forward: the three layouts and the response-only head, against the plain forward.
 
-"Today's path" is the padded layout with `full_logits=True`: 2b right-padded
+The plain forward is the padded layout with `full_logits=True`: 2b right-padded
 rows, logits at every position, read off where a response token is predicted.
 """
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dpo.config import DataConfig
-from dpo.forward import (CHOSEN, PADDING, PROMPT, REJECTED, PolicyLogps, check_response_head, lay_out, sequence_logps,
-                         shared_mask)
+from dpo.forward import (CHOSEN, PADDING, PROMPT, REJECTED, PolicyLogps, lay_out, sequence_logps,
+                         settle_response_head, shared_mask)
 from pairs import tokenized
 
 LAYOUTS = ["padded", "packed", "shared"]
@@ -104,21 +104,21 @@ def hh(hh_pairs, tiny_model):
     return tokenized(hh_pairs, "implicit", tiny_model, DataConfig(max_length=256, max_prompt_length=192), limit=24)
 
 
-def test_every_layout_and_the_response_head_equal_todays_path_on_hh(lm, hh):
+def test_every_layout_and_the_response_head_equal_the_plain_forward_on_hh(lm, hh):
     """Real HH pairs (prompts of up to 192 tokens, 256 in all), fp32: within 1e-5 nats per sequence."""
     policy = PolicyLogps(lm, chunk_size=64)
     with torch.no_grad():
-        today = policy(lay_out(hh, 0, "padded"), full_logits=True)
+        plain = policy(lay_out(hh, 0, "padded"), full_logits=True)
         for layout in LAYOUTS:
             for full in (True, False):
                 got = policy(lay_out(hh, 0, layout), full_logits=full)
-                assert (got - today).abs().max() <= 1e-5, (layout, full, float((got - today).abs().max()))
-    assert today.abs().min() > 10  # real sums, not zeros
+                assert (got - plain).abs().max() <= 1e-5, (layout, full, float((got - plain).abs().max()))
+    assert plain.abs().min() > 10  # real sums, not zeros
 
 
-def test_flex_attention_scores_the_shared_layout_as_todays_path(tiny_model, lm, hh):
+def test_flex_attention_scores_the_shared_layout_as_the_plain_forward(tiny_model, lm, hh):
     """The shared layout under transformers' flex_attention, whose mask is a BlockMask built from
-    `may_attend` rather than a dense [T, T] tensor: within 1e-5 of today's path on 24 HH pairs.
+    `may_attend` rather than a dense [T, T] tensor: within 1e-5 of the plain forward on 24 HH pairs.
 
     On CPU, FlexAttention runs forward only (no backward), so this is the scorer's case; training
     with it needs a GPU (bench/gpu_check.py). A rejected reply that saw the chosen one would miss by
@@ -129,19 +129,19 @@ def test_flex_attention_scores_the_shared_layout_as_todays_path(tiny_model, lm, 
     flex = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
                                                 attn_implementation="flex_attention").eval()
     with torch.no_grad():
-        today = PolicyLogps(lm, chunk_size=64)(lay_out(hh, 0, "padded"), full_logits=True)
+        plain = PolicyLogps(lm, chunk_size=64)(lay_out(hh, 0, "padded"), full_logits=True)
         got = PolicyLogps(flex, chunk_size=64)(lay_out(hh, 0, "shared"))
-    assert (got - today).abs().max() <= 1e-5, float((got - today).abs().max())
+    assert (got - plain).abs().max() <= 1e-5, float((got - plain).abs().max())
 
 
-def test_todays_path_is_the_plain_forward(lm, hh, independent_logp, tiny_model):
+def test_the_plain_forward_scores_as_one_pair_per_forward(lm, hh, independent_logp, tiny_model):
     """The yardstick itself, against one pair per forward and a hand loop over the tokens."""
     policy = PolicyLogps(lm, chunk_size=64)
     with torch.no_grad():
-        today = policy(lay_out(hh[:4], 0, "padded"), full_logits=True)
+        plain = policy(lay_out(hh[:4], 0, "padded"), full_logits=True)
     expected = [independent_logp(tiny_model, p, c) for p, c, _ in hh[:4]] + \
                [independent_logp(tiny_model, p, r) for p, _, r in hh[:4]]
-    assert max(abs(a - b) for a, b in zip(today.tolist(), expected)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(plain.tolist(), expected)) <= 1e-5
 
 
 def dpo_loss_gradients(lm, pairs, layout, full, ref):
@@ -154,22 +154,22 @@ def dpo_loss_gradients(lm, pairs, layout, full, ref):
     return {name: p.grad.clone() for name, p in lm.named_parameters()}
 
 
-def test_dpo_gradients_equal_todays_path(lm, hh):
+def test_dpo_gradients_equal_the_plain_forwards(lm, hh):
     """Shared layout and response-only head (chunks of 50 positions, checkpointed): every parameter's gradient
-    equals today's within 1e-5 relative to its norm. The reference sums are offset so that the loss is not at
+    equals the plain forward's within 1e-5 relative to its norm. The reference sums are offset so that the loss is not at
     its symmetric point."""
     pairs = hh[:8]
     ref = torch.full((8,), -150.0), torch.full((8,), -140.0)
     lm.train()
     try:
-        today = dpo_loss_gradients(lm, pairs, "padded", True, ref)
-        new = dpo_loss_gradients(lm, pairs, "shared", False, ref)
+        plain = dpo_loss_gradients(lm, pairs, "padded", True, ref)
+        shared = dpo_loss_gradients(lm, pairs, "shared", False, ref)
     finally:
         lm.eval()
         lm.zero_grad()
-    for name, grad in today.items():
+    for name, grad in plain.items():
         assert grad.norm() > 0, name
-        assert (new[name] - grad).norm() <= 1e-5 * grad.norm(), name
+        assert (shared[name] - grad).norm() <= 1e-5 * grad.norm(), name
 
 
 def test_changing_a_chosen_token_leaves_the_rejected_reply_alone(lm):
@@ -208,26 +208,28 @@ def test_a_model_that_caps_its_logits_keeps_the_full_forward(tmp_path):
         capped = policy(lay_out(pairs, 0, "padded"), full_logits=True)
         uncapped = policy(lay_out(pairs, 0, "padded"))
     assert (capped - uncapped).abs().max() > 0.01  # the response-only path would be wrong here
-    assert not check_response_head(policy, policy, "cpu", NO_AUTOCAST)
+    settle_response_head(policy, policy, "cpu", NO_AUTOCAST)
+    assert not policy.response_only
     with torch.no_grad():
         assert torch.equal(policy(lay_out(pairs, 0, "padded")), capped)
 
 
 def test_a_plain_llama_passes_the_probe(lm):
     policy = PolicyLogps(lm, chunk_size=8)
-    assert check_response_head(policy, policy, "cpu", NO_AUTOCAST) and policy.response_only
+    settle_response_head(policy, policy, "cpu", NO_AUTOCAST)
+    assert policy.response_only
 
 
-def test_hf_scores_stay_within_1e5_of_todays_path(tiny_model, lm, hh):
+def test_hf_scores_stay_within_1e5_of_the_plain_forward(tiny_model, lm, hh):
     """The hf scorer (shared layout, response-only head, length-sorted batches) on HH, fp32."""
-    from pipeline.scoring import HFScorer
+    from pipeline.hf_scorer import HFScorer
 
     policy = PolicyLogps(lm, chunk_size=64)
     with torch.no_grad():
-        today = policy(lay_out(hh, 0, "padded"), full_logits=True).tolist()
+        plain = policy(lay_out(hh, 0, "padded"), full_logits=True).tolist()
     scorer = HFScorer(tiny_model, batch_tokens=1024)
-    assert scorer.layout == "shared" and scorer.policy.response_only
+    assert scorer.runtime.layout == "shared" and scorer.runtime.policy.response_only
     scores = scorer.score(hh)
     got = [c for c, _ in scores] + [r for _, r in scores]
-    assert max(abs(a - b) for a, b in zip(got, today)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(got, plain)) <= 1e-5
     assert np.all(np.isfinite(got))

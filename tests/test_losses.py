@@ -244,9 +244,9 @@ def test_worked_alpha_divergence():
     Limits: α = 1 is forward_kl (0.631154), α = 0 is reverse KL / sigmoid (0.620957).
     """
     close(example("alpha_divergence").losses, 0.627691)
-    close(example("alpha_divergence", alpha=0.25).losses, 0.624787)
-    close(example("alpha_divergence", alpha=1.0).losses, 0.631154)
-    close(example("alpha_divergence", alpha=0.0).losses, 0.620957)
+    close(example("alpha_divergence", divergence_alpha=0.25).losses, 0.624787)
+    close(example("alpha_divergence", divergence_alpha=1.0).losses, 0.631154)
+    close(example("alpha_divergence", divergence_alpha=0.0).losses, 0.620957)
 
 
 def test_every_loss_has_a_worked_example():
@@ -462,8 +462,8 @@ def test_invalid_arguments_are_named():
         )
     with pytest.raises(ValueError, match="beta must be a positive"):
         preference_loss(*x, beta=0.0)
-    with pytest.raises(ValueError, match="alpha"):
-        preference_loss(*x, loss_type="alpha_divergence", alpha=1.5)
+    with pytest.raises(ValueError, match="divergence_alpha"):
+        preference_loss(*x, loss_type="alpha_divergence", divergence_alpha=1.5)
     with pytest.raises(ValueError, match="discopop_tau"):
         preference_loss(*x, loss_type="discopop", discopop_tau=0.0)
     with pytest.raises(ValueError, match="same shape"):

@@ -130,3 +130,35 @@ def test_train_on_an_unfinished_reference_says_it_was_never_finished(ray_session
     (tmp_path / "run" / "reference").mkdir(parents=True)
     line = run_job("train", ["--config", train_config(tmp_path, tiny_model)], capsys)
     assert "has no _manifest.json: it was never finished" in line
+
+
+def test_worker_lines_go_to_the_file_and_only_ours_and_rays_notices_to_the_terminal():
+    """What Ray prints of its workers on the driver (sys.stdout and sys.stderr while a job runs): every line is
+    filed, without Ray's colour codes; the terminal gets our marked lines (the mark taken off) and Ray's raylet and
+    autoscaler notices."""
+    import io
+    import logging
+
+    from dpo.worker_logs import TERMINAL_MARK
+    from jobs.logs import WorkerLines
+
+    filed = []
+    handler = logging.Handler()
+    handler.emit = lambda record: filed.append(record.getMessage())
+    logger = logging.getLogger("workers")
+    logger.addHandler(handler)
+    try:
+        terminal = io.StringIO()
+        lines = WorkerLines(terminal)
+        lines.write("\x1b[36m(RayTrainWorker pid=7)\x1b[0m Reporting training result 1\n(RayTrainWorker pid=7) ")
+        lines.write(f"{TERMINAL_MARK}step 1/2 loss 0.69\n\x1b[33m(raylet)\x1b[0m a worker was killed\n")
+        lines.write("(autoscaler +2s) No available node types can fulfill resource request\n(pid=9) tail")
+        lines.flush()
+    finally:
+        logger.removeHandler(handler)
+    assert filed == ["(RayTrainWorker pid=7) Reporting training result 1", "(RayTrainWorker pid=7) step 1/2 loss 0.69",
+                     "(raylet) a worker was killed",
+                     "(autoscaler +2s) No available node types can fulfill resource request", "(pid=9) tail"]
+    assert terminal.getvalue().splitlines() == [
+        "(RayTrainWorker pid=7) step 1/2 loss 0.69", "\x1b[33m(raylet)\x1b[0m a worker was killed",
+        "(autoscaler +2s) No available node types can fulfill resource request"]

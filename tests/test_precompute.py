@@ -112,7 +112,7 @@ def test_what_the_writer_writes_is_what_training_reads(clean):
         assert pairs.rejected[i].tolist() == row[schema.REJECTED_IDS]
         assert (pairs.ref_chosen[i], pairs.ref_rejected[i]) == (row[schema.REF_CHOSEN_LOGP],
                                                                 row[schema.REF_REJECTED_LOGP])
-        assert pairs.tokens[i] == 2 * row[schema.PROMPT_LENGTH] + row[schema.CHOSEN_LENGTH] + row[schema.REJECTED_LENGTH]
+        assert pairs.tokens_per_pair[i] == 2 * row[schema.PROMPT_LENGTH] + row[schema.CHOSEN_LENGTH] + row[schema.REJECTED_LENGTH]
 
 
 def test_pairs_per_call_batch_tokens_and_actor_count_do_not_change_scores(clean, tmp_path, tiny_model):

@@ -1,4 +1,4 @@
-"""Tests of pipeline.scoring: batching, the hf scorer's numbers, vLLM's log-prob aggregation, the actor's contract."""
+"""Tests of scoring: batching, the hf scorer's numbers, vLLM's log-prob aggregation, the actor's contract, the pool."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import pytest
 
 from dpo.config import load_config
 from dpo.errors import UserError
-from pipeline.scoring import HFScorer, ReferenceScorer, check_reference_model, pack_by_tokens, prompt_token_logprobs
+from pipeline.hf_scorer import HFScorer, pack_by_tokens
+from pipeline.scoring import ReferenceScorer
+from pipeline.scoring_pool import check_reference_model
 from pipeline.tokenize import TOKENIZED_SCHEMA, load_tokenizer
-from pipeline.vllm_build import VLLMBuild
+from pipeline.vllm_scorer import VLLMBuild, prompt_token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -134,10 +136,29 @@ def vllm_build(monkeypatch):
     """Which vLLM build the driver's checks see installed (package metadata only: nothing imports vLLM here)."""
 
     def install(build):
-        monkeypatch.setattr("pipeline.vllm_build.installed_vllm", lambda: build)
-        monkeypatch.setattr("pipeline.scoring.installed_vllm", lambda: build)
+        monkeypatch.setattr("pipeline.vllm_scorer.installed_vllm", lambda: build)
 
     return install
+
+
+def test_the_scoring_fault_marker_is_local_only(tmp_path):
+    """debug.fail_scoring_after_batches marks the one actor that died with a file created exclusively (O_EXCL):
+    object stores have no such create, so a URI run.output_dir is refused in one line naming the key. A second
+    actor reaching the count finds the marker and goes on."""
+    from pipeline.scoring import _die_once
+    from pipeline.scoring_pool import fail_marker
+
+    cfg = load_config(None, ["model.policy=m", "run.output_dir=s3://bucket/run", "debug.fail_scoring_after_batches=1"])
+    with pytest.raises(UserError, match=r"^debug.fail_scoring_after_batches needs a local run.output_dir, not "
+                                        r"s3://bucket/run: "):
+        fail_marker(cfg, "s3://bucket/run/reference")
+    unset = load_config(None, ["model.policy=m", "run.output_dir=s3://bucket/run"])
+    assert fail_marker(unset, "s3://bucket/run/reference") is None
+    marker = fail_marker(cfg, str(tmp_path / "reference"))
+    assert marker == str(tmp_path / "reference" / "_debug_scoring_failed")
+    os.makedirs(os.path.dirname(marker))
+    open(marker, "w").close()
+    _die_once(marker)  # returns: another actor already died
 
 
 def test_cpu_builds_are_told_apart_by_distribution_or_local_version():
@@ -221,7 +242,7 @@ def test_vllm_engine_leaves_room_for_a_sequence_of_exactly_max_length(tiny_model
     """vLLM 0.26 refuses a prompt of max_model_len tokens ("plus the number of requested output
     tokens (at least 1) is longer than the maximum model length"): truncation produces such
     sequences, so the engine gets one position more than data.max_length."""
-    from pipeline.scoring import vllm_engine_args
+    from pipeline.vllm_scorer import vllm_engine_args
 
     vllm_build(CUDA_BUILD)
     cfg = _config(tiny_model, **{"data.max_length": 128, "data.max_prompt_length": 64, "reference.batch_tokens": 512})
@@ -323,7 +344,7 @@ def _cuda() -> bool:
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
 def test_vllm_scores_match_hf_in_fp32(tiny_model):
-    from pipeline.scoring import VLLMScorer, vllm_engine_args
+    from pipeline.vllm_scorer import VLLMScorer, vllm_engine_args
 
     pairs = example_pairs(tiny_model, 32)
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
@@ -348,7 +369,7 @@ def test_an_actor_that_always_crashes_fails_the_job_after_bounded_restarts(ray_s
     where the default would restart it without end."""
     import ray
 
-    from pipeline.scoring import actor_pool, map_pool
+    from pipeline.scoring_pool import actor_pool, map_pool
 
     starts = tmp_path / "starts"
 
@@ -371,13 +392,13 @@ TP_POOLS = """
 import os, sys, ray
 from dpo.config import load_config
 from pipeline.placement import GroupHostedScorer
-from pipeline.scoring import actor_pool, map_pool
+from pipeline.scoring_pool import actor_pool, map_pool
 
 ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # 2 logical GPUs
 # The driver sees vLLM's CUDA build, which tensor parallelism runs on; the engine below stands in for it.
-import pipeline.scoring, pipeline.vllm_build
-cuda = pipeline.vllm_build.VLLMBuild("vllm", "0.26.0")
-pipeline.vllm_build.installed_vllm = pipeline.scoring.installed_vllm = lambda: cuda
+import pipeline.vllm_scorer
+cuda = pipeline.vllm_scorer.VLLMBuild("vllm", "0.26.0")
+pipeline.vllm_scorer.installed_vllm = lambda: cuda
 cfg = load_config(None, ["model.policy=" + sys.argv[1], "reference.backend=vllm", "reference.tensor_parallel_size=2",
                          "reference.num_actors=1", "reference.max_restarts=2", "reference.pairs_per_call=4"])
 marker = os.path.join(sys.argv[2], "crashed")

@@ -37,7 +37,7 @@ def test_pairs_are_int32_views_and_sorting_moves_no_id():
         "pair_id": ["b", "c", "a"], "prompt_ids": [[11], [], [5, 6, 7]], "chosen_ids": [[12, 13], [15], [8]],
         "rejected_ids": [[14], [16, 17, 18], [9, 10]]}))
     assert list(pairs.pair_ids) == ["a", "b", "c"] and pairs.pair_ids[1] == "b" and len(pairs) == 3
-    assert pairs.tokens.tolist() == [9, 5, 4]
+    assert pairs.tokens_per_pair.tolist() == [9, 5, 4]
     assert pairs.prompt.values.tolist() == [11, 5, 6, 7]
     assert pairs.prompt.offsets.tolist() == [1, 0, 1] and pairs.prompt.sizes.tolist() == [3, 1, 0]
     assert [pairs.prompt[i].tolist() for i in range(3)] == [[5, 6, 7], [11], []]

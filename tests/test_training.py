@@ -27,7 +27,7 @@ from dpo.errors import UserError
 from dpo.fingerprint import read_manifest
 from dpo.forward import PolicyLogps, sequence_logps
 from dpo.launch import train
-from jobs.train import find_datasets
+from pipeline.prepare import find_datasets
 from pipeline.precompute import precompute
 from conftest import copy_model
 
@@ -149,7 +149,7 @@ def test_one_and_two_workers_learn(which, request, tiny_model):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_two_workers_match_one_worker_with_double_batch_and_the_forward_of_before(one_worker, two_workers):
+def test_two_workers_match_one_worker_with_double_batch_and_the_plain_forward(one_worker, two_workers):
     """The same global batches, so the same mean gradient, whether one worker or two take them, and whichever
     forward computes the log-probs (one_worker: padded rows, logits at every position; two_workers: the prompt
     once per pair, logits at response positions only). Step 1 agrees within 1e-5: policy == reference, and

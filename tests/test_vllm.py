@@ -20,8 +20,8 @@ import pytest
 from dpo import fingerprint as fpr
 from dpo.config import load_config
 from dpo.storage import read_parquet_files
-from pipeline.scoring import HFScorer
-from pipeline.vllm_build import installed_vllm
+from pipeline.hf_scorer import HFScorer
+from pipeline.vllm_scorer import installed_vllm
 
 from conftest import copy_model
 from pairs import tokenized
@@ -74,7 +74,7 @@ def engine(exported_model):
 
     255 is the most the quickstart model's 256 positions allow (vLLM keeps one for the token it generates).
     """
-    from pipeline.scoring import VLLMScorer, vllm_scorer_args
+    from pipeline.vllm_scorer import VLLMScorer, vllm_scorer_args
 
     cfg = load_config(None, [f"model.policy={exported_model}", "data.max_length=255", "data.max_prompt_length=128",
                              "reference.batch_tokens=4096"])
@@ -195,7 +195,7 @@ def test_training_from_vllm_scores_starts_at_ln2(quickstart_vllm, ray_session, t
     """Policy = reference at step 1: every margin is 0, so the sigmoid loss is -log σ(0) = ln 2 = 0.693147."""
     from dpo.checkpoint import read_metrics
     from dpo.launch import train
-    from jobs.train import find_datasets
+    from pipeline.prepare import find_datasets
 
     work, _ = quickstart_vllm
     shutil.copytree(work / "runs" / "quickstart-vllm" / "reference", tmp_path / "run" / "reference")
