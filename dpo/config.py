@@ -241,6 +241,8 @@ class DebugConfig(_Section):
 
     fail_at_step: Optional[int] = Field(None, ge=1)
     fail_scoring_after_batches: Optional[int] = Field(None, ge=0)
+    # How many times in all the pool's actors die there: more than reference.max_restarts fails the stage.
+    scoring_deaths: int = Field(1, ge=1)
     # An actor holding this many CPUs starts right after the precompute's resource check, as
     # another job taking them would: the stall the check cannot foresee.
     hold_cpus_after_check: Optional[float] = Field(None, gt=0)

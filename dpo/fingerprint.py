@@ -48,7 +48,7 @@ def _sha256_file(path: str) -> str:
     if mtime is not None and key in cache:
         return cache[key]
     h = hashlib.sha256()
-    with fs.open_input_stream(inner) as fh:
+    with fs.open_input_stream(inner, compression=None) as fh:  # the bytes as stored, a .gz too
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     cache[key] = h.hexdigest()

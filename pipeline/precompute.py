@@ -6,9 +6,12 @@ import contextlib
 import logging
 from typing import Iterator, Optional
 
+import ray
+
 from dpo import fingerprint as fpr
 from dpo import storage
 from dpo.config import Config
+from dpo.errors import UserError
 from pipeline.prepare import dataset_folder, reuse_if_complete, split_files
 from pipeline.scoring import ReferenceScorer
 from pipeline.scoring_pool import actor_pool, check_reference_model, map_pool
@@ -80,8 +83,22 @@ def _score(cfg: Config, split: str, files: list[str]) -> dict:
         "batch_tokens": cfg.reference.batch_tokens,
     }
     with actor_pool(cfg, folder) as pool:
-        return run_stage(cfg, files, folder, fingerprint, score=lambda ds: map_pool(_calls(ds, cfg), ReferenceScorer,
-                                                                                     pool), manifest_extra=extra)
+        try:
+            return run_stage(cfg, files, folder, fingerprint, manifest_extra=extra,
+                             score=lambda ds: map_pool(_calls(ds, cfg), ReferenceScorer, pool))
+        except ray.exceptions.RayActorError as exc:
+            raise UserError(_actor_died(cfg, exc)) from exc
+
+
+def _actor_died(cfg: Config, exc: BaseException) -> str:
+    """One line for a scoring actor dead for good: it died once more than reference.max_restarts allows."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next((line for line in lines if line.startswith("The actor is dead because")), lines[0] if lines else "")
+    restarts = cfg.reference.max_restarts
+    return (f"a scoring actor died {restarts + 1} time{'s' if restarts else ''}, once more than "
+            f"reference.max_restarts={restarts} allows ({cause.rstrip('.')}); the job's log holds its output. If it "
+            "ran out of memory, lower reference.batch_tokens or reference.pairs_per_call; for a crash that may pass, "
+            "raise reference.max_restarts. The shards written so far are kept: the rerun scores the rest")
 
 
 def _calls(ds, cfg: Config):

@@ -30,19 +30,22 @@ log = logging.getLogger(__name__)
 FAIL_MARKER = "_debug_scoring_failed"
 
 
-def _die_once(marker: str) -> None:
-    """Fault injection: exit abruptly unless an earlier attempt already did (the marker says so).
+def _die_unless_done(marker: str, deaths: int) -> None:
+    """Fault injection: exit abruptly, unless earlier attempts already died `deaths` times (their markers,
+    `marker`, then `marker`.2, .3, ..., say so).
 
     The marker is a local file (scoring_pool.fail_marker refuses a URI): O_EXCL lets exactly one of several
-    actors reaching the count create it and die.
+    actors reaching the count create each marker and die.
     """
     os.makedirs(os.path.dirname(marker), exist_ok=True)
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    log.warning("debug.fail_scoring_after_batches: scoring actor %d exits now", os.getpid())
-    os._exit(1)
+    for death in range(1, deaths + 1):
+        try:
+            os.close(os.open(marker if death == 1 else f"{marker}.{death}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        log.warning("debug.fail_scoring_after_batches: scoring actor %d exits now (death %d of %d)", os.getpid(),
+                    death, deaths)
+        os._exit(1)
 
 
 def tensor_parallel(ref) -> bool:
@@ -83,12 +86,13 @@ class ReferenceScorer:
         # Called outside Ray (a test, a notebook), the runtime context would start a Ray of its own.
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.fail_after = cfg.debug.fail_scoring_after_batches
+        self.deaths = cfg.debug.scoring_deaths
         self.fail_marker = fail_marker
         self.batches = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.fail_after is not None and self.batches >= self.fail_after:
-            _die_once(self.fail_marker)
+            _die_unless_done(self.fail_marker, self.deaths)
         kept = [i for i, r in enumerate(batch.column("reject").to_pylist()) if r is None]
         prompts = batch.column(schema.PROMPT_IDS).to_pylist()
         chosen = batch.column(schema.CHOSEN_IDS).to_pylist()

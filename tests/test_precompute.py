@@ -312,6 +312,28 @@ def test_precompute_job_scores_train_and_eval_and_prints_a_summary(tmp_path, tin
     assert scores(cfg).keys() == scores(cfg, "eval").keys()
 
 
+def test_an_actor_that_dies_past_its_restart_bound_fails_the_job_in_one_line(tmp_path, tiny_model, capsys):
+    """reference.max_restarts=1 and an actor that dies at its first batch, twice (debug.scoring_deaths=2): it
+    is started, dies, is restarted once, dies again, and Ray gives it up. Both deaths left their marker (the
+    count of restarts, from the run's own record), and the job exits 2 with one line naming the bound, the
+    cause, and the keys to change; it used to end in Ray's traceback."""
+    from jobs import precompute_reference
+
+    cfg = make_config(tmp_path, tiny_model, **{"debug.fail_scoring_after_batches": 0, "debug.scoring_deaths": 2,
+                                               "reference.max_restarts": 1, "reference.pairs_per_call": 4})
+    with pytest.raises(SystemExit) as exit_:
+        precompute_reference.main(["--config", _write_config(tmp_path / "c.yaml", cfg)])
+    assert exit_.value.code == 2
+    folder = dataset_folder(cfg, "reference", "train")
+    assert sorted(n for n in os.listdir(folder) if n.startswith("_debug_scoring_failed")) == [
+        "_debug_scoring_failed", "_debug_scoring_failed.2"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: a scoring actor died 2 times, once more than reference.max_restarts=1 allows "
+                              "(The actor is dead because its worker process has died"), err[-1]
+    assert "lower reference.batch_tokens" in err[-1] and "raise reference.max_restarts" in err[-1]
+    assert not os.path.exists(os.path.join(folder, fpr.MANIFEST))
+
+
 def test_precompute_job_exits_2_with_one_line_for_a_missing_model(tmp_path, capsys):
     from jobs import precompute_reference
 
