@@ -24,6 +24,7 @@ from jobs.summary import print_dataset_summary, table
 from pipeline.models import PRESETS, build_local_model, iter_texts
 from pipeline.precompute import precompute
 from pipeline.prepare import dataset_folder, dataset_kind, prepare, split_files
+from pipeline.scoring_pool import check_pool_fits
 
 log = logging.getLogger("raydpo")
 
@@ -53,8 +54,11 @@ def before_ray(cfg: Config, args) -> None:
 def main(argv=None) -> None:
     started = time.time()
     with job("pipeline", argv, __doc__, extra=_flags, before_ray=before_ray) as (cfg, args):
-        refuse_unless_training_fits(cfg)  # before the stages, not after an hour of scoring
         kind = dataset_kind(cfg)
+        # Every stage's plan, in the order the stages run, before the first: not after an hour of scoring.
+        if kind == "reference":
+            check_pool_fits(cfg)
+        refuse_unless_training_fits(cfg)
         stage = precompute if kind == "reference" else prepare
         for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
             manifest = stage(cfg, split)
