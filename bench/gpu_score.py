@@ -30,7 +30,6 @@ import torch
 from hh import HH, load_pairs
 
 from dpo.config import load_config
-from dpo.logprobs import token_logps
 from pipeline.tokenize import load_tokenizer
 
 # Dense peak FLOP/s by device name and dtype (NVIDIA data sheets; fp32 without TF32,
@@ -66,10 +65,10 @@ def oracle_token_logps(model, seqs, device) -> list[list[float]]:
     with torch.inference_mode():
         for prompt, response in seqs:
             ids = torch.tensor([list(prompt) + list(response)], device=device)
-            labels = torch.full_like(ids, -100)
-            labels[0, len(prompt):] = ids[0, len(prompt):]
-            logps, _ = token_logps(model(input_ids=ids).logits, labels)
-            out.append(logps[0, len(prompt) - 1:].double().tolist())
+            # Position t predicts token t + 1: plain log-softmax of the full logits, none of dpo's code.
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
+            out.append(logps[len(prompt) - 1:].double().tolist())
     return out
 
 
