@@ -144,8 +144,8 @@ def vllm_build(monkeypatch):
 def test_the_scoring_fault_marker_is_local_only(tmp_path):
     """debug.fail_scoring_after_batches marks the one actor that died with a file created exclusively (O_EXCL):
     object stores have no such create, so a URI run.output_dir is refused in one line naming the key. A second
-    actor reaching the count finds the marker and goes on."""
-    from pipeline.scoring import _die_once
+    actor reaching the count finds the marker and goes on (with debug.scoring_deaths=2, the second's too)."""
+    from pipeline.scoring import _die_unless_done
     from pipeline.scoring_pool import fail_marker
 
     cfg = load_config(None, ["model.policy=m", "run.output_dir=s3://bucket/run", "debug.fail_scoring_after_batches=1"])
@@ -158,7 +158,9 @@ def test_the_scoring_fault_marker_is_local_only(tmp_path):
     assert marker == str(tmp_path / "reference" / "_debug_scoring_failed")
     os.makedirs(os.path.dirname(marker))
     open(marker, "w").close()
-    _die_once(marker)  # returns: another actor already died
+    _die_unless_done(marker, deaths=1)  # returns: another actor already died
+    open(f"{marker}.2", "w").close()
+    _die_unless_done(marker, deaths=2)  # returns: both deaths happened
 
 
 def test_cpu_builds_are_told_apart_by_distribution_or_local_version():
