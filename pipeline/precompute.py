@@ -85,7 +85,7 @@ def _score(cfg: Config, split: str, files: list[str]) -> dict:
     with actor_pool(cfg, folder) as pool:
         try:
             return run_stage(cfg, files, folder, fingerprint, manifest_extra=extra,
-                             score=lambda ds: map_pool(_calls(ds, cfg), ReferenceScorer, pool))
+                             score=lambda ds: map_pool(ds, ReferenceScorer, pool))
         except ray.exceptions.RayActorError as exc:
             raise UserError(_actor_died(cfg, exc)) from exc
 
@@ -99,16 +99,3 @@ def _actor_died(cfg: Config, exc: BaseException) -> str:
             f"reference.max_restarts={restarts} allows ({cause.rstrip('.')}); the job's log holds its output. If it "
             "ran out of memory, lower reference.batch_tokens or reference.pairs_per_call; for a crash that may pass, "
             "raise reference.max_restarts. The shards written so far are kept: the rerun scores the rest")
-
-
-def _calls(ds, cfg: Config):
-    """The scoring calls, spread over every actor of reference.num_actors. Seen before on two nodes: one file
-    of 1,000 pairs scored by one of the 2 actors; on one node, 200 pairs in 4 calls too.
-
-    - Ray Data hands a block to one actor whole, and the read makes a file one block (its shards
-      coalesced): blocks of at most reference.pairs_per_call rows.
-    - It gives calls to an actor while that actor has room, 4 in flight by default: one call in flight
-      per actor, so the next goes to an idle one (on one node: 100 and 100 pairs, not 200 and 0). The
-      actor scores its calls one at a time anyway."""
-    ds.context.max_tasks_in_flight_per_actor = 1
-    return ds.repartition(target_num_rows_per_block=cfg.reference.pairs_per_call)
