@@ -73,3 +73,16 @@ def refuse_unless_fits(need: float, what: str, lower: str, fixed: float = 0.0, r
     fixes.append(f"add {resource}s to the cluster")
     raise UserError(f"{what} need {need:g} {resource}s, but this job can use {have.free:g} of the cluster's "
                     f"{have.total:g}{held}, so it would wait forever; {', or '.join(fixes)}")
+
+
+def bundle_text(bundle: dict) -> str:
+    """{CPU: 1, GPU: 1}: what a task, actor or worker asks Ray for, as messages show it."""
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items())) + "}"
+
+
+def free_text(names) -> str:
+    """CPU 1 of 2, GPU 0 of 0: how much of each resource is free now, of the cluster's total."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g}" for name in sorted(names))

@@ -32,7 +32,7 @@ from dpo.checkpoint import complete_steps, newest, read_metrics
 from dpo.config import Config, resume_safe
 from dpo.errors import UserError
 from dpo.model_folders import check_max_length, check_model_folder, read_model_config
-from dpo.job_cpus import refuse_unless_fits
+from dpo.job_cpus import bundle_text, free_text, refuse_unless_fits
 from dpo.lora import ADAPTER_DIR, check_lora_targets
 from dpo.losses import needs_reference
 from dpo.trackers import RUNS_FILE, check_trackers
@@ -139,14 +139,10 @@ def _group_start_failure(cfg: Config, error: BaseException) -> Optional[UserErro
     failure = getattr(error, "controller_failure", None)  # ray.train.ControllerError's cause
     if type(failure).__name__ != "WorkerGroupStartupTimeoutError":
         return None
-    import ray
-
     t, bundle = cfg.train, worker_bundle(cfg)
-    total, free = ray.cluster_resources(), ray.available_resources()
-    have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g}" for name in bundle)
-    asked = "{" + ", ".join(f"{name}: {amount:g}" for name, amount in bundle.items()) + "}"
-    return UserError(f"run.stall_timeout_s: training's worker group ({t.num_workers} x {asked}) did not start "
-                     f"within {float(os.environ.get(START_TIMEOUT, 0)):g} s (free: {have}); free or add resources, "
+    return UserError(f"run.stall_timeout_s: training's worker group ({t.num_workers} x {bundle_text(bundle)}) did not "
+                     f"start within {float(os.environ.get(START_TIMEOUT, 0)):g} s (free: {free_text(bundle)}); free "
+                     "or add resources, "
                      "ask for fewer (train.num_workers, train.cpus_per_worker, train.gpus_per_worker or "
                      "train.use_gpu), or raise run.stall_timeout_s (null: wait forever)")
 

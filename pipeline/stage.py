@@ -29,6 +29,7 @@ import ray
 
 from dpo.config import Config
 from dpo.errors import UserError
+from dpo.job_cpus import bundle_text, free_text
 from pipeline import manifest as mf
 from pipeline.read import RAW_SCHEMA, UnreadableFile, read_file_rows
 from pipeline.tokenize import find_duplicates, tokenize_batch
@@ -87,19 +88,13 @@ class StallWatch:
             raise UserError(self._message(demands))
 
     def _message(self, demands: list[tuple[dict, int]]) -> str:
-        total, free = ray.cluster_resources(), ray.available_resources()
-        names = sorted({name for bundle, _ in demands for name in bundle})
-        asked = ", ".join(f"{n} x {_resources(bundle)}" for bundle, n in demands)
-        have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g}" for name in names)
+        asked = ", ".join(f"{n} x {bundle_text(bundle)}" for bundle, n in demands)
+        have = free_text({name for bundle, _ in demands for name in bundle})
         return (f"run.stall_timeout_s: {self.what} delivered nothing for {self.timeout_s:g} s while tasks or actors "
                 f"waited for resources ({asked}; free: {have}); whatever holds them (another job, this job's driver "
                 "under ray job submit --entrypoint-num-cpus, this job's own actors) does not give them up: free or "
                 "add resources, ask for fewer (reference.num_actors, reference.cpus_per_actor), or raise "
                 "run.stall_timeout_s (null: wait forever)")
-
-
-def _resources(bundle: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items())) + "}"
 
 
 def watched_batches(ds: ray.data.Dataset, watch: StallWatch) -> Iterator[pa.Table]:
