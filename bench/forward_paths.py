@@ -42,8 +42,8 @@ from train_throughput import hh_pairs, status_mib
 
 from dpo.config import DataConfig
 
-SIDES = {"today": ("padded", False), "shared": ("shared", False), "response": ("padded", True),
-         "new": ("shared", True)}
+SIDES = {"today": ("padded", False), "shared": ("shared_prompt", False), "response": ("padded", True),
+         "new": ("shared_prompt", True)}
 
 
 def reset_peak() -> None:

@@ -17,7 +17,7 @@ runs this file.) Phases, each reusing what an earlier call left in --work:
   each against transformers on the same GPU, and 1-worker bf16 training from
   the bf16 vLLM-scored dataset (first-step loss against ln 2, tokens/s, MFU),
   then short runs of the same with train.strategy=fsdp, and with
-  flex_attention and train.prefix_sharing=on (the prompt once per pair).
+  flex_attention and train.layout=shared_prompt (the prompt once per pair).
 
 Everything lands in --out: gpu_check.json (all numbers so far, also those of
 earlier calls), gpu_check.md (the tables for docs/benchmarks.md) and
@@ -202,8 +202,8 @@ def phase_jobs(args, out: Path) -> dict:
                 # The sharded path on CUDA (NCCL mesh, meta-device start), briefly: one worker, same first step.
                 "train_fsdp": ["train.strategy=fsdp", f"train.max_steps={args.fsdp_steps}"],
                 # The prompt once per pair under FlexAttention's block mask (no backward on CPU): against the
-                # padded sdpa run above, it decides whether train.prefix_sharing=auto should share on GPU.
-                "train_flex_shared": ["model.attn_implementation=flex_attention", "train.prefix_sharing=on",
+                # padded sdpa run above, it decides whether train.layout=auto should share the prompt on GPU.
+                "train_flex_shared": ["model.attn_implementation=flex_attention", "train.layout=shared_prompt",
                                       f"train.max_steps={args.fsdp_steps}"],
             }
             for key, overrides in variants.items():
@@ -246,7 +246,7 @@ def markdown(report: dict) -> str:
                   f"p99 {v['per_token_p99']:.3g}, max {v['per_token_max']:.3g}; max per pair {v['per_pair_max']:.3g}; "
                   f"{'within' if v['within_default'] else 'OUTSIDE'} the default tolerance {v['default_tolerance']:g}"]
         for key, name in (("train", "train"), ("train_fsdp", "train with train.strategy=fsdp"),
-                          ("train_flex_shared", "train with flex_attention and train.prefix_sharing=on")):
+                          ("train_flex_shared", "train with flex_attention and train.layout=shared_prompt")):
             if key not in r:
                 continue
             t = r[key]

@@ -60,7 +60,7 @@ class Side:
         from dpo.losses import preference_loss
 
         t0 = time.perf_counter()
-        mb = collate(pairs, rows, 0, "shared")
+        mb = collate(pairs, rows, 0, "shared_prompt")
         chosen, rejected = sequence_logps(self.policy, mb.inputs, average=False)
         preference_loss(chosen, rejected, mb.ref_chosen, mb.ref_rejected, loss_type="sigmoid",
                         beta=0.1).losses.mean().backward()
@@ -126,7 +126,7 @@ def main() -> None:
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {args.threads}, HH pairs, max_length {args.max_length}, batch {args.batch_size} pairs x "
-          f"{args.steps} steps, shared layout, response-only logits")
+          f"{args.steps} steps, shared_prompt layout, response-only logits")
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for preset in args.presets.split(","):
             model = build_local_model(os.path.join(tmp, preset), hh_texts(HH, limit=2000), preset=preset, seed=0)

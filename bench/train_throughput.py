@@ -131,7 +131,7 @@ def child(args) -> None:
     base = status_mib("VmRSS")
     side = Side(args.model, live=args.child == "live")
     for i in range(3):
-        side.step(collate(pairs, plan[i % len(plan)], 0, "shared"))
+        side.step(collate(pairs, plan[i % len(plan)], 0, "shared_prompt"))
     peak = status_mib("VmHWM")
     print(json.dumps({"peak_rss_mib": peak, "train_mib": peak - base}))
 
@@ -145,7 +145,7 @@ def speed(args, model_dir) -> dict:
     times = {k: [] for k in sides}
     tokens = 0
     for i in range(args.warmup + args.steps):
-        mb = collate(pairs, plan[i % len(plan)], 0, "shared")
+        mb = collate(pairs, plan[i % len(plan)], 0, "shared_prompt")
         for name, side in sides.items():
             elapsed = side.step(mb)
             if i >= args.warmup:

@@ -19,8 +19,8 @@ A micro-batch of b pairs runs through the model in one forward pass, in one
 of dpo.forward's layouts: padded (2b rows), packed (one row; it saves work only
 under flash attention's varlen kernels: sdpa and eager materialise a dense
 [T, T] mask over the whole row, measured on CPU at 0.30 s packed vs 0.18 s
-padded per step of 16 pairs) or shared (b rows, the prompt once per pair).
-dpo.runtime.choose_layout resolves train.packing and train.prefix_sharing.
+padded per step of 16 pairs) or shared_prompt (b rows, the prompt once per
+pair): train.layout, its auto resolved by dpo.runtime.choose_layout.
 """
 
 from __future__ import annotations

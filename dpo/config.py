@@ -27,7 +27,7 @@ class ConfigError(UserError):
 
 
 # Marks a key (or a whole section) that may change between a run and its resumption (dpo.launch): it does not
-# alter what a step computes. The layout and the logits path change only float rounding (dpo.forward); gradient
+# alter what a step computes. The logits path changes only float rounding (dpo.forward); gradient
 # checkpointing recomputes the same values, dropout's RNG state included; the scoring actors' settings change how
 # the reference scores are computed, not what they are, and a re-scored dataset is compared by its fingerprint.
 RESUMABLE = {"resume_safe": True}
@@ -172,13 +172,15 @@ class TrainConfig(_LossKeys):
     max_failures: int = Field(2, ge=0, json_schema_extra=RESUMABLE)
     log_every: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
     eval_every: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
-    # Padding-free packing of a micro-batch into one row; auto turns it on only where
-    # it pays: under flash attention, which takes packed position_ids without a dense T x T mask.
-    packing: Literal["auto", "on", "off"] = "auto"
-    # One row per pair, prompt + chosen + rejected, the prompt computed once (dpo.forward); auto turns it on
-    # where it was measured to be faster: on CPU, under eager or sdpa attention (docs/benchmarks.md). On GPU
-    # `on` with model.attn_implementation=flex_attention takes its mask without a dense T x T tensor.
-    prefix_sharing: Literal["auto", "on", "off"] = Field("auto", json_schema_extra=RESUMABLE)
+    # How a micro-batch runs through the forward (dpo.forward): padded, 2b rows; packed, the 2b sequences end to
+    # end in one row, less work only under flash attention, which takes packed position_ids without a dense
+    # T x T mask; shared_prompt, one row per pair, prompt + chosen + rejected, the prompt computed once, under an
+    # attention that takes its mask (eager, sdpa; on GPU flex_attention, without a dense T x T tensor). auto takes
+    # each where it pays (dpo.runtime.choose_layout): packed under flash attention if the model honours packed
+    # position ids, shared_prompt on CPU under eager or sdpa, where it was measured faster (docs/benchmarks.md),
+    # else padded. Not RESUMABLE: packed is taken as asked, unchecked, and a model that ignores packed position
+    # ids attends across sequences, so a step computes something else in packed than in the other layouts.
+    layout: Literal["auto", "padded", "packed", "shared_prompt"] = "auto"
     # auto: the output head runs only at the positions that predict a response token, where the model
     # allows it (dpo.forward checks); off: at every position, as a plain forward does.
     response_logits: Literal["auto", "off"] = Field("auto", json_schema_extra=RESUMABLE)
@@ -206,10 +208,10 @@ class TrainConfig(_LossKeys):
             raise ValueError(f"train.{exc}") from None
         return self
 
-    @field_validator("packing", "prefix_sharing", "response_logits", mode="before")
+    @field_validator("response_logits", mode="before")
     @classmethod
     def _yaml_switch(cls, value):
-        # YAML 1.1 reads a bare on/off as a boolean: `train.prefix_sharing=off` means the string.
+        # YAML 1.1 reads a bare on/off as a boolean: `train.response_logits=off` means the string.
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
@@ -217,13 +219,6 @@ class TrainConfig(_LossKeys):
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} and train.warmup_ratio={self.warmup_ratio:g} "
                              "both set the warmup; set one of them, the other to 0")
-        return self
-
-    @model_validator(mode="after")
-    def _one_layout(self) -> "TrainConfig":
-        if self.packing == "on" and self.prefix_sharing == "on":
-            raise ValueError("train.packing=on and train.prefix_sharing=on lay a batch out in two different ways; "
-                             "turn one of them off")
         return self
 
     @property
@@ -298,10 +293,37 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+# The train.layout each setting of the two switches it replaced amounts to, as layout_of_retired_switches computes it.
+_SWITCHES_AS_LAYOUT = ("packing=on is layout=packed; prefix_sharing=on is shared_prompt; both off is padded; both "
+                       "auto is auto; packing=auto with prefix_sharing=off is auto under flash attention, else padded; "
+                       "packing=off with prefix_sharing=auto is padded under flash attention, else auto")
+
 # Keys that were replaced: an old config that sets one is told what to write instead.
 RETIRED_KEYS = {"train.tensorboard": "train.tensorboard is gone: list the trackers in train.report_to instead, "
                                      "e.g. train.report_to: [tensorboard]",
-                "train.alpha": "train.alpha is now train.divergence_alpha (the α of loss_type alpha_divergence)"}
+                "train.alpha": "train.alpha is now train.divergence_alpha (the α of loss_type alpha_divergence)",
+                "train.packing": "train.packing is now train.layout, which replaced it and train.prefix_sharing "
+                                 f"(either unset is auto): {_SWITCHES_AS_LAYOUT}",
+                "train.prefix_sharing": "train.prefix_sharing is now train.layout, which replaced it and "
+                                        f"train.packing (either unset is auto): {_SWITCHES_AS_LAYOUT}"}
+
+
+def layout_of_retired_switches(packing: str, prefix_sharing: str, attn_implementation: Optional[str]) -> str:
+    """The train.layout that lays a batch out as train.packing and train.prefix_sharing did: what a run saved
+    before train.layout replaced them ran with (dpo.launch compares it on resume).
+
+    Their auto packed only under flash attention and shared the prompt only under another, so the auto of
+    one switch with the other off is auto under the one attention and padded under the other. Both on was
+    refused, and prefix_sharing=on under flash attention too (dpo.launch).
+    """
+    if packing == "on":
+        return "packed"
+    if prefix_sharing == "on":
+        return "shared_prompt"
+    if packing == prefix_sharing:
+        return "auto" if packing == "auto" else "padded"
+    flash = (attn_implementation or "").startswith("flash")
+    return "auto" if flash == (packing == "auto") else "padded"
 
 
 def _describe(err: dict) -> str:

@@ -1,15 +1,16 @@
 """The forward pass DPO needs: log π(response | prompt) for both replies of each pair, and nothing more.
 
-A batch of b pairs is laid out in one of three ways (`lay_out`):
+A batch of b pairs is laid out in one of three ways (`lay_out`; train.layout
+chooses, dpo.runtime.choose_layout resolves its auto):
 
 - padded: 2b right-padded rows, prompt+chosen then prompt+rejected;
 - packed: the 2b sequences end to end in one row, position ids restarting at 0
   for each (transformers then masks it block-diagonally; only flash attention's
   varlen kernels turn that into less work);
-- shared: b rows of prompt+chosen+rejected. The prompt is computed once per
-  pair. The rejected reply's position ids restart at len(prompt), and the mask
-  lets it see the prompt and itself, never the chosen reply, so each reply sees
-  exactly what it would see alone. The layout carries each position's segment
+- shared_prompt: b rows of prompt+chosen+rejected. The prompt is computed once
+  per pair. The rejected reply's position ids restart at len(prompt), and the
+  mask lets it see the prompt and itself, never the chosen reply, so each reply
+  sees exactly what it would see alone. The layout carries each position's segment
   (prompt, chosen, rejected, padding); the forward turns that into the mask its
   attention takes: a dense 4D one for eager and sdpa, a FlexAttention BlockMask
   (no [T, T] tensor) for flex_attention.
@@ -39,16 +40,16 @@ from dpo.schema import Triple, scored_tokens
 
 log = logging.getLogger("raydpo.train")
 
-Layout = Literal["padded", "packed", "shared"]
-PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # the shared layout's segments
+Layout = Literal["padded", "packed", "shared_prompt"]
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # the shared_prompt layout's segments
 
 
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor                 # [rows, T]
     attention_mask: Optional[torch.Tensor]  # padded: [rows, T]
-    position_ids: Optional[torch.Tensor]    # packed and shared: [rows, T]
-    segments: Optional[torch.Tensor]        # shared: [rows, T] int8, PROMPT, CHOSEN, REJECTED or PADDING
+    position_ids: Optional[torch.Tensor]    # packed and shared_prompt: [rows, T]
+    segments: Optional[torch.Tensor]        # shared_prompt: [rows, T] int8, PROMPT, CHOSEN, REJECTED or PADDING
     score_index: torch.Tensor               # [N] flat positions of [rows, T] that predict a response token
     score_targets: torch.Tensor             # [N] the token each predicts
     score_sequence: torch.Tensor            # [N] its sequence: chosen of pair k is k, rejected is b + k
@@ -63,7 +64,7 @@ def _predictors(tokens_at: np.ndarray, before_first: int) -> np.ndarray:
     """Flat positions whose outputs predict a reply's tokens, which sit at `tokens_at`.
 
     Each token is predicted by the one before it in the sequence: the first by
-    the prompt's last token (`before_first`; in the shared layout the chosen
+    the prompt's last token (`before_first`; in the shared_prompt layout the chosen
     reply lies between them), every later one by its left neighbour.
     """
     return np.concatenate([[before_first], tokens_at[:-1]])
@@ -82,7 +83,7 @@ def lay_out(pairs: Sequence[Triple], pad_id: int, layout: Layout) -> ModelInputs
         index.append(_predictors(tokens_at, before_first))
         sequence.append(np.full(len(index[-1]), seq, dtype=np.int64))
 
-    if layout == "shared":
+    if layout == "shared_prompt":
         width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
         segments = np.full((b, width), PADDING, dtype=np.int8)
         positions = np.zeros((b, width), dtype=np.int64)
@@ -182,7 +183,7 @@ class PolicyLogps(torch.nn.Module):
 
 
 def may_attend(query_segment, key_segment, query, key):
-    """The shared layout's rule, elementwise: may the token at `query` attend to the one at `key`?
+    """The shared_prompt layout's rule, elementwise: may the token at `query` attend to the one at `key`?
 
     Causal, except that a rejected token never sees a chosen one, and a padding
     key is seen by nobody but itself (so that no query row is empty, which would
@@ -193,7 +194,7 @@ def may_attend(query_segment, key_segment, query, key):
 
 
 def shared_mask(segments: torch.Tensor, config):
-    """The mask of the shared layout in the form the model's attention takes."""
+    """The mask of the shared_prompt layout in the form the model's attention takes."""
     attention = getattr(config, "_attn_implementation", "eager")
     rows, width = segments.shape
     if attention == "flex_attention":

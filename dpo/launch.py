@@ -29,7 +29,7 @@ import yaml
 
 from dpo import fingerprint as fpr, schema, storage
 from dpo.checkpoint import complete_steps, newest, read_metrics
-from dpo.config import Config, resume_safe
+from dpo.config import Config, layout_of_retired_switches, resume_safe
 from dpo.errors import UserError
 from dpo.model_folders import check_max_length, check_model_folder, read_model_config
 from dpo.job_cpus import bundle_text, free_text, refuse_unless_fits
@@ -75,10 +75,10 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
                         "them; run jobs.precompute_reference (or jobs.pipeline) first")
     check_model_folder(cfg.model.policy, "model.policy")
     _check_policy_context(cfg)
-    if t.prefix_sharing == "on" and (cfg.model.attn_implementation or "").startswith("flash"):
-        raise UserError(f"train.prefix_sharing=on needs an attention that takes its mask, which "
+    if t.layout == "shared_prompt" and (cfg.model.attn_implementation or "").startswith("flash"):
+        raise UserError(f"train.layout=shared_prompt needs an attention that takes its mask, which "
                         f"model.attn_implementation={cfg.model.attn_implementation} does not; use flex_attention "
-                        "(on GPU), sdpa or eager, or set train.prefix_sharing=off")
+                        "(on GPU), sdpa or eager, or another train.layout (auto packs where the model allows)")
     check_lora_targets(cfg, read_model_config(cfg.model.policy, "model.policy", cfg.model.trust_remote_code))
     check_trackers(cfg)
     refuse_unless_training_fits(cfg)
@@ -178,6 +178,10 @@ def _check_resumable(cfg: Config, train_dir: str, datasets: dict) -> None:
     if not complete_steps(storage.join(train_dir, "checkpoints")) or not storage.exists(saved_path):
         return
     saved = _dotted(yaml.safe_load(storage.read_text(saved_path)) or {})
+    if "train.layout" not in saved:  # saved before train.layout replaced the two switches
+        saved["train.layout"] = layout_of_retired_switches(saved.get("train.packing", "auto"),
+                                                           saved.get("train.prefix_sharing", "auto"),
+                                                           saved.get("model.attn_implementation"))
     # A key the saved config lacks was added since that run, which ran with its default.
     default = _dotted(Config().model_dump(mode="json"))
     now = _dotted(cfg.model_dump(mode="json"))

@@ -16,7 +16,7 @@ import torch
 
 from dpo.forward import Layout, PolicyLogps, settle_response_head
 
-# The attention implementations that take the shared layout's mask (dpo.forward).
+# The attention implementations that take the shared_prompt layout's mask (dpo.forward).
 SEGMENT_MASK_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 
@@ -45,22 +45,22 @@ def pad_id(lm) -> int:
     return 0
 
 
-def choose_layout(packing: str, prefix_sharing: str, attention: str, device: torch.device,
-                  packs: Callable[[], bool]) -> Layout:
-    """train.packing and train.prefix_sharing resolved on this model and device.
+def choose_layout(layout: str, attention: str, device: torch.device, packs: Callable[[], bool]) -> Layout:
+    """train.layout resolved on this model and device: auto where each layout pays.
 
-    packing: auto packs only under flash attention, and only if the model
-    honours packed position ids (`packs()`, asked only then). prefix_sharing:
-    auto shares the prompt where it was measured to be faster
+    Packed only under flash attention, whose varlen kernels make it less work,
+    and only if the model honours packed position ids (`packs()`, asked only
+    then). The prompt shared where that was measured to be faster
     (docs/benchmarks.md): on CPU, where eager and sdpa attention take its 4D
-    mask. On GPU it stays off unless asked for (with flex_attention) until it
-    is measured there.
+    mask; on GPU only when asked for (with flex_attention) until it is measured
+    there.
     """
-    if packing == "on" or (packing == "auto" and attention.startswith("flash") and packs()):
+    if layout != "auto":
+        return layout
+    if attention.startswith("flash") and packs():
         return "packed"
-    if prefix_sharing == "on" or (prefix_sharing == "auto" and device.type == "cpu"
-                                  and attention in ("eager", "sdpa")):
-        return "shared"
+    if device.type == "cpu" and attention in ("eager", "sdpa"):
+        return "shared_prompt"
     return "padded"
 
 
@@ -80,10 +80,9 @@ class Runtime:
     def pad_id(self) -> int:
         return pad_id(self.policy.lm)
 
-    def settle(self, packing: str = "off", prefix_sharing: str = "auto",
-               packs: Callable[[], bool] = lambda: False) -> None:
+    def settle(self, layout: str = "auto", packs: Callable[[], bool] = lambda: False) -> None:
         """With the weights in (under FSDP, after a restore: a forward leaves FSDP2's root unsharded, and a
         sharded state dict cannot load into that): the response-only head checked on this model, the layout
         chosen."""
         settle_response_head(self.model, self.policy, self.device, self.autocast)
-        self.layout = choose_layout(packing, prefix_sharing, self.attention, self.device, packs)
+        self.layout = choose_layout(layout, self.attention, self.device, packs)

@@ -172,7 +172,7 @@ def setup(config: dict) -> Worker:
                                                     int(saved.get("total_steps", total)), total, state.step)
         if changed and rank == 0:
             log.warning(changed)
-    runtime.settle(t.packing, t.prefix_sharing, packs=lambda: packing_supported(
+    runtime.settle(t.layout, packs=lambda: packing_supported(
         model, train_pairs, runtime.pad_id, device, runtime.autocast))
     trackers = open_trackers(cfg, c.train_dir, rank, state.step)
     metrics_log = None

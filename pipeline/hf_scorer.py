@@ -40,7 +40,7 @@ class HFScorer:
     It runs dpo.forward's PolicyLogps, the training forward, on a dpo.runtime
     Runtime as training does: the layout training would take on this device
     and attention (one row per pair, the prompt computed once, where the
-    attention takes the shared layout's mask), and the output head only at the
+    attention takes the shared_prompt layout's mask), and the output head only at the
     positions that predict a response token.
     """
 
@@ -68,7 +68,7 @@ class HFScorer:
     def score(self, pairs: Sequence[Triple]) -> list[tuple[float, float]]:
         """(chosen, rejected) summed log-probs of each pair's replies given its prompt, float64, in input order."""
         # The tokens a pair's row(s) take: one row of both replies, or two rows of one each.
-        if self.runtime.layout == "shared":
+        if self.runtime.layout == "shared_prompt":
             lengths = [len(p) + len(c) + len(r) for p, c, r in pairs]
         else:
             lengths = [2 * (len(p) + max(len(c), len(r))) for p, c, r in pairs]

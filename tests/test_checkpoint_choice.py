@@ -101,7 +101,7 @@ def test_resume_check_names_a_nested_key_and_takes_an_absent_one_as_its_default(
 
 @pytest.mark.parametrize("override", ["data.max_length=384", "data.truncation=keep_start", "data.eval_files=[e.jsonl]",
                                       "data.format=explicit", "reference.backend=vllm", "run.seed=1",
-                                      "model.dtype=bfloat16", "train.length_group_batches=2"])
+                                      "model.dtype=bfloat16", "train.length_group_batches=2", "train.layout=packed"])
 def test_a_resume_that_would_compute_other_steps_is_refused_naming_the_key(tmp_path, override):
     """Every key that alters what a step computes, in any section (data.* and reference.* among them), is
     compared with the saved run's: each override here is refused, naming its key."""
@@ -126,9 +126,34 @@ def test_keys_marked_resumable_may_change_on_resume(tmp_path):
         f"run.output_dir={tmp_path / 'moved'}", "run.name=again", "run.stall_timeout_s=60", "data.shard_rows=10",
         "model.logits_chunk_size=8", "reference.num_actors=3", "reference.batch_tokens=64",
         "reference.max_restarts=0", "train.max_steps=9", "train.epochs=3", "train.checkpoint_every=2",
-        "train.max_failures=0", "train.prefix_sharing=off", "train.response_logits=off",
-        "train.gradient_checkpointing=true", "train.report_to=[tensorboard]", "train.cpus_per_worker=2",
-        "debug.fail_at_step=5"]), str(train_dir), TRAINED_ON)
+        "train.max_failures=0", "train.response_logits=off", "train.gradient_checkpointing=true",
+        "train.report_to=[tensorboard]", "train.cpus_per_worker=2", "debug.fail_at_step=5"]),
+        str(train_dir), TRAINED_ON)
+
+
+@pytest.mark.parametrize("packing, prefix_sharing, attention, layout", [
+    ("on", "auto", None, "packed"), ("auto", "on", None, "shared_prompt"), ("off", "off", None, "padded"),
+    ("auto", "off", None, "padded"), ("auto", "off", "flash_attention_2", "auto")])
+def test_a_run_saved_before_train_layout_resumes_under_the_layout_its_two_switches_chose(
+        tmp_path, packing, prefix_sharing, attention, layout):
+    """A config.yaml saved when train.packing and train.prefix_sharing chose the layout resumes under the
+    train.layout they amount to (dpo.config.layout_of_retired_switches), and under no other."""
+    import yaml
+
+    from dpo.config import load_config
+    from dpo.errors import UserError
+    from dpo.launch import _check_resumable
+
+    common = [f"run.output_dir={tmp_path}", f"model.attn_implementation={attention or 'null'}"]
+    train_dir = a_run_with_one_checkpoint(tmp_path, *common[1:])
+    saved = yaml.safe_load((train_dir / "config.yaml").read_text())
+    del saved["train"]["layout"]
+    saved["train"].update(packing=packing, prefix_sharing=prefix_sharing)
+    (train_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resumable(load_config(None, [*common, f"train.layout={layout}"]), str(train_dir), TRAINED_ON)
+    for other in {"auto", "padded", "packed", "shared_prompt"} - {layout}:
+        with pytest.raises(UserError, match=r"another train\.layout, and training resumes"):
+            _check_resumable(load_config(None, [*common, f"train.layout={other}"]), str(train_dir), TRAINED_ON)
 
 
 @pytest.mark.parametrize("split, field, named", [

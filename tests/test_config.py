@@ -40,6 +40,8 @@ def test_overrides_are_yaml_scalars_and_lists():
     (["model.lora.rank=8"], "unknown config key 'model.lora.rank'; known keys in model.lora: alpha, dropout, "
                             "enabled, r, target_modules"),
     (["model.lora.r=0"], "config key 'model.lora.r': input should be greater than 0"),
+    (["train.layout=shared"], "config key 'train.layout': input should be 'auto', 'padded', 'packed' or "
+                              "'shared_prompt' (got 'shared')"),
     (["train.report_to=[wandb,comet]"], "config key 'train.report_to.1': input should be 'tensorboard', 'wandb' "
                                         "or 'mlflow' (got 'comet')"),
 ])
@@ -111,12 +113,63 @@ def test_loss_mistakes_name_their_train_key(overrides, message):
 
 
 def test_on_and_off_switches_survive_yaml_booleans(tmp_path):
-    """YAML 1.1 reads a bare off as False: in an override and in a file, train.prefix_sharing=off is still "off"."""
-    cfg = load_config(None, ["train.prefix_sharing=off", "train.packing=on", "train.response_logits=off"])
-    assert (cfg.train.prefix_sharing, cfg.train.packing, cfg.train.response_logits) == ("off", "on", "off")
-    (tmp_path / "c.yaml").write_text("train:\n  prefix_sharing: off\n")
-    assert load_config(str(tmp_path / "c.yaml")).train.prefix_sharing == "off"
+    """YAML 1.1 reads a bare off as False: in an override and in a file, train.response_logits=off is still "off"."""
+    assert load_config(None, ["train.response_logits=off"]).train.response_logits == "off"
+    (tmp_path / "c.yaml").write_text("train:\n  response_logits: off\n")
+    assert load_config(str(tmp_path / "c.yaml")).train.response_logits == "off"
     with pytest.raises(ConfigError, match="train.response_logits"):
         load_config(None, ["train.response_logits=on"])
-    with pytest.raises(ConfigError, match="train.packing=on and train.prefix_sharing=on"):
-        load_config(None, ["train.packing=on", "train.prefix_sharing=on"])
+
+
+SWITCHES_AS_LAYOUT = ("(either unset is auto): packing=on is layout=packed; prefix_sharing=on is shared_prompt; both "
+                      "off is padded; both auto is auto; packing=auto with prefix_sharing=off is auto under flash "
+                      "attention, else padded; packing=off with prefix_sharing=auto is padded under flash attention, "
+                      "else auto")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.packing=on", f"train.packing is now train.layout, which replaced it and train.prefix_sharing "
+                         f"{SWITCHES_AS_LAYOUT}"),
+    ("train.prefix_sharing=off", f"train.prefix_sharing is now train.layout, which replaced it and train.packing "
+                                 f"{SWITCHES_AS_LAYOUT}")])
+def test_the_two_layout_switches_are_told_train_layout_and_how_their_values_map_to_it(override, message):
+    """train.layout replaced train.packing and train.prefix_sharing: an old config that sets either is told, in
+    one line, the layout each setting of the two chose."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def layout_of_switches(packing, prefix_sharing, attention, device, packs):
+    """How dpo.runtime chose the layout from train.packing and train.prefix_sharing before train.layout."""
+    if packing == "on" or (packing == "auto" and attention.startswith("flash") and packs()):
+        return "packed"
+    if prefix_sharing == "on" or (prefix_sharing == "auto" and device.type == "cpu"
+                                  and attention in ("eager", "sdpa")):
+        return "shared_prompt"
+    return "padded"
+
+
+@pytest.mark.parametrize("attn_implementation", [None, "eager", "sdpa", "flash_attention_2", "flex_attention"])
+def test_the_layout_the_two_switches_amount_to_lays_batches_out_as_they_did(attn_implementation):
+    """Every setting of train.packing and train.prefix_sharing that was allowed (not both on; prefix sharing
+    not under flash attention), on CPU and GPU, with a model that honours packed position ids and one that does
+    not: the train.layout that dpo.config.layout_of_retired_switches (and the retired keys' message) gives for it
+    resolves to the layout they chose."""
+    import torch
+
+    from dpo.config import layout_of_retired_switches
+    from dpo.runtime import choose_layout
+
+    attention = attn_implementation or "sdpa"  # transformers' own choice when none is set
+    for packing in ("auto", "on", "off"):
+        for prefix_sharing in ("auto", "on", "off"):
+            if prefix_sharing == "on" and (packing == "on" or attention.startswith("flash")):
+                continue
+            layout = layout_of_retired_switches(packing, prefix_sharing, attn_implementation)
+            for device in (torch.device("cpu"), torch.device("cuda")):
+                for honoured in (True, False):
+                    packs = lambda: honoured  # noqa: E731
+                    assert (choose_layout(layout, attention, device, packs)
+                            == layout_of_switches(packing, prefix_sharing, attention, device, packs)), (
+                        packing, prefix_sharing, attention, device, honoured, layout)

@@ -18,7 +18,7 @@ from pipeline.read import read_file_rows
 from pipeline.tokenize import tokenize_batch
 from wordlevel import save_wordlevel
 
-LAYOUTS = ["padded", "packed", "shared"]
+LAYOUTS = ["padded", "packed", "shared_prompt"]
 
 
 def tokenized_rows(path: str, tokenizer: str, data: DataConfig) -> list[dict]:

@@ -18,7 +18,7 @@ from dpo.forward import (CHOSEN, PADDING, PROMPT, REJECTED, PolicyLogps, lay_out
                          settle_response_head, shared_mask)
 from pairs import tokenized
 
-LAYOUTS = ["padded", "packed", "shared"]
+LAYOUTS = ["padded", "packed", "shared_prompt"]
 NO_AUTOCAST = contextlib.nullcontext()
 
 
@@ -31,7 +31,7 @@ def test_shared_layout_by_hand():
     the chosen reply of pair 0, sequence 1 (= b + 0) its rejected one. The
     rejected positions 3 and 4 see the prompt (0, 1) and themselves, never 2.
     """
-    inputs = lay_out([([5, 6], [7], [8, 9])], pad_id=0, layout="shared")
+    inputs = lay_out([([5, 6], [7], [8, 9])], pad_id=0, layout="shared_prompt")
     assert inputs.input_ids.tolist() == [[5, 6, 7, 8, 9]]
     assert inputs.position_ids.tolist() == [[0, 1, 2, 2, 3]]
     assert inputs.score_index.tolist() == [1, 1, 3]
@@ -53,7 +53,7 @@ def test_a_padding_key_is_seen_by_itself_alone():
     sees it, and rows 0-2 are those of the by-hand example above, without a prompt
     of two. Eager gets the same rule as 0 (attend) and float32's minimum (not).
     """
-    inputs = lay_out([([5], [7], [8]), ([4], [6], [2, 3])], pad_id=0, layout="shared")
+    inputs = lay_out([([5], [7], [8]), ([4], [6], [2, 3])], pad_id=0, layout="shared_prompt")
     assert inputs.segments[0].tolist() == [PROMPT, CHOSEN, REJECTED, PADDING]
     allowed = shared_mask(inputs.segments, SimpleNamespace(_attn_implementation="sdpa"))
     assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0],
@@ -130,7 +130,7 @@ def test_flex_attention_scores_the_shared_layout_as_the_plain_forward(tiny_model
                                                 attn_implementation="flex_attention").eval()
     with torch.no_grad():
         plain = PolicyLogps(lm, chunk_size=64)(lay_out(hh, 0, "padded"), full_logits=True)
-        got = PolicyLogps(flex, chunk_size=64)(lay_out(hh, 0, "shared"))
+        got = PolicyLogps(flex, chunk_size=64)(lay_out(hh, 0, "shared_prompt"))
     assert (got - plain).abs().max() <= 1e-5, float((got - plain).abs().max())
 
 
@@ -163,7 +163,7 @@ def test_dpo_gradients_equal_the_plain_forwards(lm, hh):
     lm.train()
     try:
         plain = dpo_loss_gradients(lm, pairs, "padded", True, ref)
-        shared = dpo_loss_gradients(lm, pairs, "shared", False, ref)
+        shared = dpo_loss_gradients(lm, pairs, "shared_prompt", False, ref)
     finally:
         lm.eval()
         lm.zero_grad()
@@ -183,8 +183,8 @@ def test_changing_a_chosen_token_leaves_the_rejected_reply_alone(lm):
         policy = PolicyLogps(model, chunk_size=16)
         prompt, chosen, rejected = [11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34]
         with torch.no_grad():
-            before = policy(lay_out([(prompt, chosen, rejected)], 0, "shared"))
-            after = policy(lay_out([(prompt, [21, 99, 23], rejected)], 0, "shared"))
+            before = policy(lay_out([(prompt, chosen, rejected)], 0, "shared_prompt"))
+            after = policy(lay_out([(prompt, [21, 99, 23], rejected)], 0, "shared_prompt"))
         assert abs(float(after[0] - before[0])) > 1e-3
         assert abs(float(after[1] - before[1])) <= 1e-6
 
@@ -228,7 +228,7 @@ def test_hf_scores_stay_within_1e5_of_the_plain_forward(tiny_model, lm, hh):
     with torch.no_grad():
         plain = policy(lay_out(hh, 0, "padded"), full_logits=True).tolist()
     scorer = HFScorer(tiny_model, batch_tokens=1024)
-    assert scorer.runtime.layout == "shared" and scorer.runtime.policy.response_only
+    assert scorer.runtime.layout == "shared_prompt" and scorer.runtime.policy.response_only
     scores = scorer.score(hh)
     got = [c for c, _ in scores] + [r for _, r in scores]
     assert max(abs(a - b) for a, b in zip(got, plain)) <= 1e-5

@@ -51,7 +51,7 @@ def loss_and_gradients(tiny_model, pairs, strategy: str, checkpointing: bool):
     # A pre-hook: the recompute stops as soon as it has what the backward needs, before any forward hook.
     policy.lm.get_decoder().layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
     model.train()
-    chosen, rejected = sequence_logps(model, lay_out(pairs, 0, "shared"), average=False)
+    chosen, rejected = sequence_logps(model, lay_out(pairs, 0, "shared_prompt"), average=False)
     ref_chosen, ref_rejected = chosen.detach() - 3.0, rejected.detach() + 2.0
     loss = preference_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type="sigmoid", beta=0.1).losses.mean()
     loss.backward()

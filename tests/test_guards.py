@@ -115,18 +115,19 @@ def test_a_torchvision_that_cannot_load_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.parametrize("attention, refused", [("flash_attention_2", True), ("flex_attention", False)])
-def test_prefix_sharing_on_is_refused_under_an_attention_that_cannot_take_its_mask(tiny_model, attention, refused):
+def test_shared_prompt_is_refused_under_an_attention_that_cannot_take_its_mask(tiny_model, attention, refused):
     """Flash kernels take no mask but the causal one; FlexAttention takes the shared layout's as a BlockMask."""
     from dpo.config import load_config
     from dpo.launch import DatasetFolder, validate
 
     cfg = load_config(None, [f"model.policy={tiny_model}", "data.max_length=128", "data.max_prompt_length=64",
-                             "train.num_workers=1", "train.batch_size=1", "train.prefix_sharing=on",
+                             "train.num_workers=1", "train.batch_size=1", "train.layout=shared_prompt",
                              f"model.attn_implementation={attention}"])
     data = DatasetFolder(folder="prepared/", manifest={"counts": {"kept": 4}, "layout": {"scored": True}})
     if refused:
-        with pytest.raises(UserError, match=r"^train.prefix_sharing=on needs an attention that takes its mask, which "
-                                            r"model.attn_implementation=flash_attention_2 does not; use flex_attention"):
+        with pytest.raises(UserError, match=r"^train.layout=shared_prompt needs an attention that takes its mask, "
+                                            r"which model.attn_implementation=flash_attention_2 does not; use "
+                                            r"flex_attention"):
             validate(cfg, data)
     else:
         validate(cfg, data)

@@ -86,7 +86,7 @@ def one_worker(base, tmp_path_factory):
     """One worker, with the forward of before (padded rows, logits at every position) where two_workers has
     the default (the prompt once per pair, logits only where a response token is predicted)."""
     return run(base, tmp_path_factory.mktemp("one"), "train.num_workers=1", "train.batch_size=8",
-               "train.prefix_sharing=off", "train.response_logits=off")
+               "train.layout=padded", "train.response_logits=off")
 
 
 def close(a: dict, b: dict, tol: float) -> None:
@@ -407,7 +407,7 @@ def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_pairs, tiny_model, 
     folder = os.path.join(cfg.run.output_dir, "reference")
     pairs = Pairs.from_tables([storage.read_parquet_files(folder, manifest["files"])])
     with torch.no_grad():
-        for layout in ("padded", "packed", "shared"):
+        for layout in ("padded", "packed", "shared_prompt"):
             inputs = collate(pairs, np.arange(len(pairs)), 0, layout).inputs
             chosen, rejected = sequence_logps(PolicyLogps(model, 1024), inputs, average=False)
             assert np.allclose(chosen.numpy(), pairs.ref_chosen, atol=1e-4, rtol=1e-6)
