@@ -16,9 +16,6 @@ import torch
 
 from dpo.forward import Layout, PolicyLogps, settle_response_head
 
-# The attention implementations that take the shared_prompt layout's mask (dpo.forward).
-SEGMENT_MASK_ATTENTION = ("eager", "sdpa", "flex_attention")
-
 
 def load_lm(path: str, *, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: Optional[str]):
     """A causal LM from its folder; safetensors only: a pickled .bin checkpoint can run code when it is loaded."""
