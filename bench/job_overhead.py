@@ -44,7 +44,7 @@ def one_side(work: str, steps: int, repeats: int) -> dict:
     from dpo.launch import ray_env_vars, train
     from pipeline.prepare import find_datasets
     from pipeline.models import build_local_model, iter_texts
-    from pipeline.precompute import precompute
+    from pipeline.precompute import precompute_splits
 
     parts = {"imports": time.time() - started}
     model = build_local_model(os.path.join(work, "tiny"), iter_texts([os.path.join(EXAMPLES, "train.jsonl")]),
@@ -57,10 +57,9 @@ def one_side(work: str, steps: int, repeats: int) -> dict:
     parts["ray.init"] = time.time() - at
     common = [f"model.policy={model}", f"data.train_files=[{files[0]}]", f"data.eval_files=[{files[1]}]",
               "data.max_length=64", "data.max_prompt_length=48", f"run.output_dir={work}/scored"]
-    for split in ("train", "eval"):
-        at = time.time()
-        precompute(load_config(None, common), split)
-        parts[f"reference stage ({split})"] = time.time() - at
+    at = time.time()
+    precompute_splits(load_config(None, common), ["train", "eval"])
+    parts["reference stage (train and eval, one pool)"] = time.time() - at
     fits = []
     for i in range(repeats):
         out = os.path.join(work, f"fit{i}")

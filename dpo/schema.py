@@ -33,9 +33,11 @@ FILE = "file"                   # the input file and line the pair came from
 LINE = "line"
 REF_CHOSEN_LOGP = "ref_chosen_logp"      # sum over the response of log pi_ref(token | all before it)
 REF_REJECTED_LOGP = "ref_rejected_logp"
-# Not stored: the scoring actor's node, counted per shard into the manifest's `scored_on` (pipeline.manifest),
-# the record of where each dataset was scored.
+# Not stored: the scoring actor's node and the actor itself, counted per shard into the manifest's `scored_on`
+# and `scored_by` (pipeline.manifest), the record of where and by which actors each dataset was scored.
 SCORED_ON = "scored_on"
+SCORED_BY = "scored_by"
+SCORED_WHERE = (SCORED_ON, SCORED_BY)
 
 TOKEN_IDS = pa.list_(pa.int32())
 

@@ -22,8 +22,8 @@ from jobs.cli import job
 from jobs.logs import show
 from jobs.summary import print_dataset_summary, table
 from pipeline.models import PRESETS, build_local_model, iter_texts
-from pipeline.precompute import precompute
-from pipeline.prepare import dataset_folder, dataset_kind, prepare, split_files
+from pipeline.precompute import precompute_splits
+from pipeline.prepare import dataset_folder, dataset_kind, prepare_splits, split_files, splits
 from pipeline.scoring_pool import check_pool_fits
 
 log = logging.getLogger("raydpo")
@@ -59,9 +59,8 @@ def main(argv=None) -> None:
         if kind == "reference":
             check_pool_fits(cfg)
         refuse_unless_training_fits(cfg)
-        stage = precompute if kind == "reference" else prepare
-        for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
-            manifest = stage(cfg, split)
+        stage = precompute_splits if kind == "reference" else prepare_splits
+        for split, manifest in stage(cfg, splits(cfg)).items():
             print_dataset_summary(f"{kind} ({split})", dataset_folder(cfg, kind, split), manifest)
         train_job.run(cfg)
         show(table("pipeline", [("total time (s)", round(time.time() - started, 1)),

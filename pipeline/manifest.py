@@ -116,7 +116,7 @@ class ShardWriter:
             "rejects": rejects,
         }
         if self.scored:
-            marker["scored_on"] = dict(collections.Counter(r[schema.SCORED_ON] for r in kept))
+            marker.update({column: dict(collections.Counter(r[column] for r in kept)) for column in schema.SCORED_WHERE})
         storage.write_text(storage.join(self.folder, SHARDS, f"{shard}.json"), json.dumps(marker))
         self.done.add(shard)
         self.committed += 1
@@ -165,11 +165,12 @@ def finalize(folder: str, expected: dict[str, int], file_rejects: list[dict], ma
         "response_tokens": sum(m["response_tokens"] for m in markers.values()),
     }
     assert counts["read"] == counts["kept"] + counts["rejected"], counts
-    scored_on = collections.Counter()
-    for marker in markers.values():
-        scored_on.update(marker.get("scored_on", {}))
-    if scored_on:
-        manifest["scored_on"] = dict(sorted(scored_on.items()))
+    for column in schema.SCORED_WHERE:
+        pairs_by = collections.Counter()
+        for marker in markers.values():
+            pairs_by.update(marker.get(column, {}))
+        if pairs_by:
+            manifest[column] = dict(sorted(pairs_by.items()))
     manifest = {**manifest, "counts": counts, "files": parts, "shards": len(markers),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=1))

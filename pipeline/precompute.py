@@ -9,13 +9,12 @@ from typing import Iterator, Optional
 import ray
 
 from dpo import fingerprint as fpr
-from dpo import storage
 from dpo.config import Config
 from dpo.errors import UserError
-from pipeline.prepare import dataset_folder, reuse_if_complete, split_files
+from pipeline.prepare import parts_to_make
 from pipeline.scoring import ReferenceScorer
 from pipeline.scoring_pool import actor_pool, check_reference_model, map_pool
-from pipeline.stage import run_stage
+from pipeline.stage import Part, run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
 from pipeline.vllm_scorer import require_vllm
 
@@ -57,35 +56,30 @@ def held_cpus(cpus: Optional[float]) -> Iterator[None]:
 
 
 def precompute(cfg: Config, split: str = "train") -> dict:
-    files = split_files(cfg, split)
+    """One split's reference dataset, scored or reused: its manifest."""
+    return precompute_splits(cfg, [split])[split]
+
+
+def precompute_splits(cfg: Config, wanted: list[str]) -> dict[str, dict]:
+    """The wanted splits' reference datasets, scored by one actor pool or reused: manifests by split."""
     # Fail here, not in a Ray task or actor, when the tokenizer or model cannot load.
     load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code, cfg.model.tokenizer_key)
     check_reference_model(cfg)
-    with held_cpus(cfg.debug.hold_cpus_after_check):
-        return _score(cfg, split, files)
+    ref = cfg.reference
+    reused, parts = parts_to_make(
+        cfg, "reference", wanted,
+        lambda files: {**fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION),
+                       "scorer": scorer_id(cfg)},
+        {"backend": ref.backend, "dtype": cfg.model.dtype, "reference_model": cfg.model.reference_path,
+         "num_actors": ref.num_actors, "batch_tokens": ref.batch_tokens})
+    made = _score(cfg, parts) if parts else {}
+    return {split: reused.get(split) or made[split] for split in wanted}
 
 
-def _score(cfg: Config, split: str, files: list[str]) -> dict:
-    fingerprint = {**fpr.compute(cfg, files, with_reference=True, tokenization_version=TOKENIZATION_VERSION),
-                   "scorer": scorer_id(cfg)}
-    folder = dataset_folder(cfg, "reference", split)
-    manifest = reuse_if_complete(folder, fingerprint)
-    if manifest is not None:
-        return manifest
-    cfg.save(storage.join(folder, "config.yaml"))
-    extra = {
-        "kind": "reference",
-        "split": split,
-        "backend": cfg.reference.backend,
-        "dtype": cfg.model.dtype,
-        "reference_model": cfg.model.reference_path,
-        "num_actors": cfg.reference.num_actors,
-        "batch_tokens": cfg.reference.batch_tokens,
-    }
-    with actor_pool(cfg, folder) as pool:
+def _score(cfg: Config, parts: list[Part]) -> dict[str, dict]:
+    with held_cpus(cfg.debug.hold_cpus_after_check), actor_pool(cfg, parts[0].folder) as pool:
         try:
-            return run_stage(cfg, files, folder, fingerprint, manifest_extra=extra,
-                             score=lambda ds: map_pool(ds, ReferenceScorer, pool))
+            return run_stage(cfg, parts, score=lambda ds: map_pool(ds, ReferenceScorer, pool))
         except ray.exceptions.RayActorError as exc:
             raise UserError(_actor_died(cfg, exc)) from exc
 

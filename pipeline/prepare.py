@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 from dpo import fingerprint as fpr
 from dpo import storage
@@ -11,12 +11,17 @@ from dpo.config import Config
 from dpo.launch import DatasetFolder
 from dpo.losses import needs_reference
 from pipeline.read import expand_inputs
-from pipeline.stage import run_stage
+from pipeline.stage import Part, run_stage
 from pipeline.tokenize import TOKENIZATION_VERSION, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SPLITS = {"train": ("data.train_files", ""), "eval": ("data.eval_files", "_eval")}
+
+
+def splits(cfg: Config) -> list[str]:
+    """The splits a job makes datasets of: train, and eval where data.eval_files names any."""
+    return ["train"] + (["eval"] if cfg.data.eval_files else [])
 
 
 def split_files(cfg: Config, split: str) -> list[str]:
@@ -37,7 +42,7 @@ def find_datasets(cfg: Config) -> tuple[DatasetFolder, Optional[DatasetFolder]]:
     """The finished train (and eval) datasets, refused unless their fingerprints match the config."""
     kind = dataset_kind(cfg)
     found = []
-    for split in ["train"] + (["eval"] if cfg.data.eval_files else []):
+    for split in splits(cfg):
         folder = dataset_folder(cfg, kind, split)
         expected = fpr.compute(cfg, split_files(cfg, split), with_reference=kind == "reference",
                                tokenization_version=TOKENIZATION_VERSION)
@@ -55,13 +60,34 @@ def reuse_if_complete(folder: str, fingerprint: dict):
     return manifest
 
 
-def prepare(cfg: Config, split: str = "train") -> dict:
-    files = split_files(cfg, split)
-    load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code, cfg.model.tokenizer_key)  # fail here, not in a Ray task
-    fingerprint = fpr.compute(cfg, files, with_reference=False, tokenization_version=TOKENIZATION_VERSION)
-    folder = dataset_folder(cfg, "prepared", split)
-    manifest = reuse_if_complete(folder, fingerprint)
-    if manifest is None:
+def parts_to_make(cfg: Config, kind: str, wanted: list[str], fingerprint_of: Callable[[list[str]], dict],
+                  manifest_extra: dict) -> tuple[dict[str, dict], list[Part]]:
+    """The manifests of the wanted splits' finished datasets with matching fingerprints, to reuse, and a
+    stage Part for each other split (its config.yaml saved)."""
+    reused, parts = {}, []
+    for split in wanted:
+        files = split_files(cfg, split)
+        fingerprint = fingerprint_of(files)
+        folder = dataset_folder(cfg, kind, split)
+        manifest = reuse_if_complete(folder, fingerprint)
+        if manifest is not None:
+            reused[split] = manifest
+            continue
         cfg.save(storage.join(folder, "config.yaml"))
-        manifest = run_stage(cfg, files, folder, fingerprint, manifest_extra={"kind": "prepared", "split": split})
-    return manifest
+        parts.append(Part(split, files, folder, fingerprint, {"kind": kind, "split": split, **manifest_extra}))
+    return reused, parts
+
+
+def prepare(cfg: Config, split: str = "train") -> dict:
+    """One split's prepared dataset, made or reused: its manifest."""
+    return prepare_splits(cfg, [split])[split]
+
+
+def prepare_splits(cfg: Config, wanted: list[str]) -> dict[str, dict]:
+    """The wanted splits' prepared datasets, made (in one stream) or reused: manifests by split."""
+    load_tokenizer(cfg.model.tokenizer_path, cfg.model.trust_remote_code, cfg.model.tokenizer_key)  # fail here, not in a Ray task
+    reused, parts = parts_to_make(
+        cfg, "prepared", wanted,
+        lambda files: fpr.compute(cfg, files, with_reference=False, tokenization_version=TOKENIZATION_VERSION), {})
+    made = run_stage(cfg, parts) if parts else {}
+    return {split: reused.get(split) or made[split] for split in wanted}

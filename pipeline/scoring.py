@@ -84,7 +84,9 @@ class ReferenceScorer:
         import ray
 
         # Called outside Ray (a test, a notebook), the runtime context would start a Ray of its own.
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        self.where = {schema.SCORED_ON: context and context.get_node_id(),
+                      schema.SCORED_BY: context and context.get_actor_id()}
         self.fail_after = cfg.debug.fail_scoring_after_batches
         self.deaths = cfg.debug.scoring_deaths
         self.fail_marker = fail_marker
@@ -107,4 +109,6 @@ class ReferenceScorer:
         scored = {schema.REF_CHOSEN_LOGP: ref_chosen, schema.REF_REJECTED_LOGP: ref_rejected}
         for column in schema.SCORES:
             batch = batch.append_column(column, pa.array(scored[column.name], column.type))
-        return batch.append_column(schema.SCORED_ON, pa.array([self.node] * batch.num_rows, pa.string()))
+        for column in schema.SCORED_WHERE:
+            batch = batch.append_column(column, pa.array([self.where[column]] * batch.num_rows, pa.string()))
+        return batch

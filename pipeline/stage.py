@@ -2,6 +2,9 @@
 
     files ─► read (one task per file) ─► validate + tokenize ─► [score: actor pool] ─► driver: shard files
 
+The splits (train, eval) stream together, tagged, through one actor pool, and
+the driver writes each row into its split's folder.
+
 Two passes over the input: a cheap scan (pair ids and positions only) finds
 duplicate ids and the size of every shard, then the full pass streams rows
 through tokenization (and scoring) into per-shard files. Knowing every shard's
@@ -241,53 +244,102 @@ def tokenized_dataset(sc: Scan, cfg: Config, skip_shards: set) -> ray.data.Datas
     )
 
 
+@dataclass(frozen=True)
+class Part:
+    """One split's share of a stage: its input files and the dataset folder they fill."""
+
+    split: str
+    files: list[str]
+    folder: str
+    fingerprint: dict
+    manifest_extra: dict
+
+
+# A column each tokenized row carries through the stream to say whose folder it goes to; never written.
+SPLIT_COLUMN = "_split"
+
+
+def _tag_split(batch: pa.Table, *, split: str) -> pa.Table:
+    return batch.append_column(SPLIT_COLUMN, pa.array([split] * batch.num_rows, pa.string()))
+
+
+def _rows_of(batch: pa.Table, split: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch.column(SPLIT_COLUMN), split)).drop_columns([SPLIT_COLUMN])
+
+
 def run_stage(
     cfg: Config,
-    files: list[str],
-    folder: str,
-    fingerprint: dict,
+    parts: list[Part],
     *,
     score: Optional[Callable[[ray.data.Dataset], ray.data.Dataset]] = None,
-    manifest_extra: Optional[dict] = None,
-) -> dict:
-    """Fill `folder` with the (scored) dataset; resume what an earlier try finished."""
+) -> dict[str, dict]:
+    """Fill each part's folder with its (scored) dataset, resuming what an earlier try finished; the
+    manifests by split.
+
+    The parts stream as one dataset, so that one scoring pool serves them all: a pool per split would start
+    its actors (and each actor its model, a vLLM engine its minutes on a large model) once per split.
+    """
     t0 = time.time()
-    sc = scan(files, cfg)
     layout = {"shard_rows": cfg.data.shard_rows, "scored": score is not None}
-    done = mf.start(folder, fingerprint, layout) & set(sc.shard_sizes)
-    todo = {s: n for s, n in sc.shard_sizes.items() if s not in done}
-    log.info("%d input rows in %d shards; %d shards already done, %d to do", sc.rows, len(sc.shard_sizes),
-             len(done), len(todo))
-    writer = mf.ShardWriter(folder, sc.shard_sizes, scored=score is not None)
+    scans, done, writers, streams, todo_rows = {}, {}, {}, [], 0
+    for part in parts:
+        sc = scans[part.split] = scan(part.files, cfg)
+        done[part.split] = mf.start(part.folder, part.fingerprint, layout) & set(sc.shard_sizes)
+        todo = {s: n for s, n in sc.shard_sizes.items() if s not in done[part.split]}
+        log.info("%s: %d input rows in %d shards; %d shards already done, %d to do", part.folder, sc.rows,
+                 len(sc.shard_sizes), len(done[part.split]), len(todo))
+        writers[part.split] = mf.ShardWriter(part.folder, sc.shard_sizes, scored=score is not None)
+        todo_rows += sum(todo.values())
+        if todo:
+            streams.append(tokenized_dataset(sc, cfg, done[part.split]).map_batches(
+                _tag_split, batch_format="pyarrow", batch_size=None, fn_kwargs={"split": part.split}))
     t_stream = time.time()
-    if todo:
-        ds = tokenized_dataset(sc, cfg, done)
+    if streams:
+        ds = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
         if score is not None:
             ds = score(ds)
-        todo_rows, logged = sum(todo.values()), time.monotonic()
-        for batch in watched_batches(ds, StallWatch(cfg.run.stall_timeout_s, f"the stage writing {folder}")):
-            writer.add(batch)
+        folders = " and ".join(part.folder for part in parts)
+        logged = time.monotonic()
+        for batch in watched_batches(ds, StallWatch(cfg.run.stall_timeout_s, f"the stage writing {folders}")):
+            for split, writer in writers.items():
+                rows = _rows_of(batch, split)
+                if rows.num_rows:
+                    writer.add(rows)
             if time.monotonic() - logged >= PROGRESS_EVERY_S:
                 logged = time.monotonic()
-                log.info("%s: %d of %d rows through, %d of %d shards written", folder, writer.rows_in, todo_rows,
-                         writer.committed, len(todo))
-    if writer.incomplete():
-        raise RuntimeError(f"the stream ended with incomplete shards {writer.incomplete()}; rerun to finish them")
+                log.info("%s: %d of %d rows through, %d shards written", folders,
+                         sum(w.rows_in for w in writers.values()), todo_rows,
+                         sum(w.committed for w in writers.values()))
     elapsed = max(time.time() - t_stream, 1e-9)
-    manifest = {
-        "fingerprint": fingerprint,
-        "layout": layout,
-        **(manifest_extra or {}),
-        "resumed_shards": len(done),
-        "written_shards": writer.committed,
-        "redelivered_rows": writer.redelivered,
-        "timings": {
-            "total_s": round(time.time() - t0, 3),
-            "stream_s": round(elapsed, 3),
-            "pairs_this_run": writer.pairs_done,
-            "tokens_this_run": writer.tokens_done,
-            "pairs_per_s": round(writer.pairs_done / elapsed, 3),
-            "tokens_per_s": round(writer.tokens_done / elapsed, 1),
-        },
-    }
-    return mf.finalize(folder, sc.shard_sizes, sc.file_rejects, manifest)
+    pairs = sum(w.pairs_done for w in writers.values())
+    tokens = sum(w.tokens_done for w in writers.values())
+    manifests = {}
+    for part in parts:
+        writer = writers[part.split]
+        if writer.incomplete():
+            raise RuntimeError(f"the stream ended with incomplete shards {writer.incomplete()} in {part.folder}; "
+                               "rerun to finish them")
+        manifest = {
+            "fingerprint": part.fingerprint,
+            "layout": layout,
+            **part.manifest_extra,
+            "resumed_shards": len(done[part.split]),
+            "written_shards": writer.committed,
+            "redelivered_rows": writer.redelivered,
+            "timings": {
+                "total_s": round(time.time() - t0, 3),
+                # The stream's, which carried every part: its time and rates are the stage's, split by split
+                # they would not add up.
+                "stream_s": round(elapsed, 3),
+                "stream_splits": [p.split for p in parts],
+                "pairs_this_run": writer.pairs_done,
+                "tokens_this_run": writer.tokens_done,
+                "pairs_per_s": round(pairs / elapsed, 3),
+                "tokens_per_s": round(tokens / elapsed, 1),
+            },
+        }
+        manifests[part.split] = mf.finalize(part.folder, scans[part.split].shard_sizes,
+                                            scans[part.split].file_rejects, manifest)
+    return manifests

@@ -310,6 +310,9 @@ def test_precompute_job_scores_train_and_eval_and_prints_a_summary(tmp_path, tin
     out = capsys.readouterr().out
     assert "reference scores (train, hf, float32)" in out and "reference scores (eval, hf, float32)" in out
     assert scores(cfg).keys() == scores(cfg, "eval").keys()
+    # One pool scored both splits: its one actor (reference.num_actors=1), where a pool per split had two.
+    by_actor = [fpr.read_manifest(dataset_folder(cfg, "reference", split))["scored_by"] for split in ("train", "eval")]
+    assert len(set(by_actor[0]) | set(by_actor[1])) == 1, by_actor
 
 
 def test_an_actor_that_dies_past_its_restart_bound_fails_the_job_in_one_line(tmp_path, tiny_model, capsys):

@@ -28,7 +28,7 @@ from dpo.fingerprint import read_manifest
 from dpo.forward import PolicyLogps, sequence_logps
 from dpo.launch import train
 from pipeline.prepare import find_datasets
-from pipeline.precompute import precompute
+from pipeline.precompute import precompute, precompute_splits
 from conftest import copy_model
 
 pytestmark = pytest.mark.slow
@@ -61,8 +61,7 @@ def base(tmp_path_factory, tiny_model, ray_session):
     overrides = [f"model.policy={tiny_model}", f"data.train_files=[{files[0]}]", f"data.eval_files=[{files[1]}]",
                  "data.max_length=64", "data.max_prompt_length=48", f"run.output_dir={root / 'scored'}"]
     cfg = load_config(None, overrides)
-    precompute(cfg, "train")
-    precompute(cfg, "eval")
+    precompute_splits(cfg, ["train", "eval"])
     return overrides, root / "scored"
 
 
