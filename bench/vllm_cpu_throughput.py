@@ -31,7 +31,9 @@ from pathlib import Path
 
 from hh import HH, hh_texts, load_pairs
 
-KINDS = ("hf", "vllm")
+# vllm: the engine as the pipeline builds it on the CPU build (reference.vllm_compile unset: not compiled);
+# vllm+c: with reference.vllm_compile=true (torch.compile, vLLM's own default).
+KINDS = ("hf", "vllm", "vllm+c")
 
 
 def matmul_peak_gflops(threads: int) -> float:
@@ -55,11 +57,12 @@ def child(args) -> None:
 
     cfg = load_config(None, [f"model.policy={args.model}", f"data.max_length={args.max_length}",
                              f"data.max_prompt_length={args.max_length // 2}",
-                             f"reference.batch_tokens={args.batch_tokens}", "reference.backend=vllm"])
+                             f"reference.batch_tokens={args.batch_tokens}", "reference.backend=vllm",
+                             *(["reference.vllm_compile=true"] if args.child == "vllm+c" else [])])
     pairs = load_pairs(args.pairs, load_tokenizer(args.model), cfg.data, Path(args.data))
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     t0 = time.perf_counter()
-    if args.child == "vllm":
+    if args.child != "hf":
         from pipeline.vllm_scorer import VLLMScorer, vllm_scorer_args
         from pipeline.vllm_scorer import require_vllm
 
@@ -75,7 +78,7 @@ def child(args) -> None:
     t0 = time.perf_counter()
     scores = [s for replies in zip(*scorer.score(pairs)) for s in replies]  # every chosen, then every rejected
     scoring = time.perf_counter() - t0
-    if args.child == "vllm":
+    if args.child != "hf":
         scorer.close()
     print(json.dumps({"startup_s": startup, "scoring_s": scoring, "scores": scores,
                       "tokens": sum(len(p) + len(r) for p, r in seqs)}))
@@ -123,7 +126,7 @@ def main() -> None:
           f"{args.threads} threads each side, {installed_vllm()}, {args.pairs} HH pairs, max_length "
           f"{args.max_length}, batch_tokens {args.batch_tokens}, {args.rounds} rounds; fp32 matmul peak "
           f"{peak:.1f} GFLOP/s")
-    print(f"{'preset':>8} {'params':>7} {'side':>5} {'start s':>8} {'score s':>8} {'tok/s':>8} "
+    print(f"{'preset':>8} {'params':>7} {'side':>6} {'start s':>8} {'score s':>8} {'tok/s':>8} "
           f"{'tok/s+start':>11} {'MFU':>6}")
     with tempfile.TemporaryDirectory(prefix="bench-vllm-cpu-") as tmp:
         for preset in args.presets.split(","):
@@ -140,11 +143,13 @@ def main() -> None:
                 start, score = sum(x["startup_s"] for x in rs), sum(x["scoring_s"] for x in rs)
                 totals[kind] = tokens / score
                 mfu = 2 * params * tokens / score / (peak * 1e9)
-                print(f"{preset:>8} {params / 1e6:6.0f}M {kind:>5} {start / len(rs):8.1f} {score / len(rs):8.2f} "
+                print(f"{preset:>8} {params / 1e6:6.0f}M {kind:>6} {start / len(rs):8.1f} {score / len(rs):8.2f} "
                       f"{tokens / score:8.0f} {tokens / (start + score):11.0f} {mfu:6.1%}")
             diff = max(abs(a - b) for a, b in zip(runs["vllm"][0]["scores"], runs["hf"][0]["scores"]))
-            print(f"{preset:>8}: vllm / hf tokens/s {totals['vllm'] / totals['hf']:.2f}x without start-up; "
-                  f"max |score difference| {diff:.2e} nats per sequence; load average {os.getloadavg()[0]:.1f}")
+            compiled = max(abs(a - b) for a, b in zip(runs["vllm+c"][0]["scores"], runs["vllm"][0]["scores"]))
+            print(f"{preset:>8}: vllm / hf tokens/s {totals['vllm'] / totals['hf']:.2f}x, vllm+c / vllm "
+                  f"{totals['vllm+c'] / totals['vllm']:.2f}x without start-up; max |score difference| vllm-hf "
+                  f"{diff:.2e}, vllm+c-vllm {compiled:.2e} nats per sequence; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -154,18 +154,22 @@ def vllm_engine_args(cfg: Config, build: Optional[VLLMBuild] = None) -> dict:
     backend itself only when it sees enough GPUs, so it is named here.
     On vLLM's CPU build (`build`, default: the one installed here) the KV cache
     has the size reference.cpu_kv_cache_gib: otherwise the engine would take
-    gpu_memory_utilization of the node's RAM.
+    gpu_memory_utilization of the node's RAM, and the model is not compiled
+    unless reference.vllm_compile says so.
     """
     ref = cfg.reference
     build = build or installed_vllm()
-    cpu = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(ref)} if build is not None and build.cpu else {}
+    on_cpu = build is not None and build.cpu
+    build_args = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(ref)} if on_cpu else {}
+    if not ((not on_cpu) if ref.vllm_compile is None else ref.vllm_compile):
+        build_args["compilation_config"] = {"mode": 0}  # vllm.config.CompilationMode.NONE: no torch.compile
     return dict(
         model=cfg.model.reference_path, skip_tokenizer_init=True, enable_prefix_caching=False,
         dtype=cfg.model.dtype, tensor_parallel_size=ref.tensor_parallel_size,
         gpu_memory_utilization=ref.gpu_memory_utilization, max_model_len=cfg.data.max_length + 1,
         max_num_batched_tokens=ref.batch_tokens, max_num_seqs=min(VLLM_MAX_SEQS, ref.batch_tokens),
         trust_remote_code=cfg.model.trust_remote_code,
-        distributed_executor_backend="ray" if ref.tensor_parallel_size > 1 else "uni", **cpu,
+        distributed_executor_backend="ray" if ref.tensor_parallel_size > 1 else "uni", **build_args,
     )
 
 

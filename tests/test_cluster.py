@@ -206,6 +206,7 @@ def test_a_stall_the_check_cannot_foresee_fails_the_stage_naming_what_waits(clus
     proc = subprocess.run(args, env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     line = error_line(proc.stdout + proc.stderr)
-    assert line.startswith(f"error: run.stall_timeout_s: the stage writing {out / 'reference'} delivered nothing "
+    assert line.startswith(f"error: run.stall_timeout_s: the stage writing {out / 'reference'} and "
+                           f"{out / 'reference_eval'} delivered nothing "
                            "for 15 s while tasks or actors waited for resources (1 x {CPU: 1}; free: CPU 0 of 2); "), line
     assert "--entrypoint-num-cpus" in line and "reference.num_actors" in line

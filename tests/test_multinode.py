@@ -23,11 +23,11 @@ from test_cluster import BIN, ROOT, end_node, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
-# Two actors, two workers, 12 steps of the quickstart (8 pairs a worker), a checkpoint every 4.
-# One scoring pool, the train pairs', in calls of 50 pairs. The quickstart's 200 held-out pairs, scored by a
-# second pool, went to one of its 2 actors in each of 3 runs (a pool starts scoring with the actors it has),
-# so their pool is left out: the pool that scores 1,000 pairs is the one whose spread the test can see.
-JOB = ["--config", "configs/quickstart.yaml", "--build-model", "quickstart", "reference.num_actors=2",
+# Two actors, two workers, 12 steps of the quickstart (8 pairs a worker), a checkpoint every 4, on the first
+# 400 train pairs (TRAIN_PAIRS), scored in 8 calls of 50 pairs. No held-out set: the one pool that scores
+# the train pairs would score it too (pipeline.stage), and it would add only time.
+TRAIN_PAIRS = 400
+JOB = ["--config", "configs/quickstart.yaml", "reference.num_actors=2",
        "data.shard_rows=50", "reference.pairs_per_call=50", "data.eval_files=[]",
        "train.num_workers=2", "train.max_steps=12", "train.log_every=1", "train.checkpoint_every=4",
        "train.max_failures=1"]
@@ -74,6 +74,13 @@ def two_nodes(tmp_path_factory):
             end_node(proc)
 
 
+def _train_pairs(folder: Path) -> Path:
+    path = folder / "train.jsonl"
+    with open(ROOT / "examples" / "data" / "train.jsonl", encoding="utf-8") as src:
+        path.write_text("".join(line for _, line in zip(range(TRAIN_PAIRS), src)), encoding="utf-8")
+    return path
+
+
 def _job(env: dict, out: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "jobs.pipeline", *JOB, f"model.policy={model}", f"run.output_dir={out}", *extra]
     return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -83,7 +90,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _one_node(model: str, out: Path) -> Path:
+def _one_node(model: str, out: Path, train_pairs: Path) -> Path:
     """The same job's stages on one node: the suite's own Ray (this machine's 2 CPUs, in this process; the
     actors take half a CPU each), from the same config and model, without the failure."""
     from dpo.config import load_config
@@ -93,7 +100,7 @@ def _one_node(model: str, out: Path) -> Path:
 
     cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
         *(arg for arg in JOB if "=" in arg), f"model.policy={model}", f"run.output_dir={out}",
-        f"data.train_files=[{ROOT / 'examples' / 'data' / 'train.jsonl'}]", "reference.cpus_per_actor=0.5"])
+        f"data.train_files=[{train_pairs}]", "reference.cpus_per_actor=0.5"])
     precompute(cfg, "train")
     train(cfg, *find_datasets(cfg))
     return out
@@ -130,8 +137,9 @@ def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_o
     exactly (the same model and pairs, eager attention, whichever actor scored them), and every step's
     metrics within 1e-5; the run's own record says the restarted group resumed after step 8."""
     out = tmp_path / "run"
-    model = copy_model(quickstart_model, tmp_path / "model")  # --build-model quickstart finds it built
-    proc = _job({**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}, out, model,
+    model = copy_model(quickstart_model, tmp_path / "model")
+    train_pairs = _train_pairs(tmp_path)
+    proc = _job({**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}, out, model, f"data.train_files=[{train_pairs}]",
                 "train.placement_strategy=STRICT_SPREAD", "debug.fail_at_step=9")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (out / "train" / ".failed_at_step_9").exists()
@@ -143,6 +151,7 @@ def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_o
     manifest = json.loads((out / "reference" / "_manifest.json").read_text())
     assert len(manifest["scored_on"]) == 2 and sum(manifest["scored_on"].values()) == manifest["counts"]["kept"], (
         manifest["scored_on"])
+    assert len(manifest["scored_by"]) == 2, manifest["scored_by"]
     assert not (out / "reference_eval").exists()
     groups = collections.defaultdict(set)
     for name, group, node in _placed_actors(two_nodes):
@@ -150,7 +159,7 @@ def test_the_pipeline_spreads_over_two_nodes_survives_a_worker_kill_and_equals_o
             groups[group].add(node)
     assert len(groups) == 2 and all(len(nodes) == 2 for nodes in groups.values()), groups
 
-    one_node = _one_node(model, tmp_path / "one-node")
+    one_node = _one_node(model, tmp_path / "one-node", train_pairs)
     assert _scores(out) == _scores(one_node)
     got, want = _metrics(out), _metrics(one_node)
     assert [m["step"] for m in got] == [m["step"] for m in want] and len(got) >= 10

@@ -262,6 +262,22 @@ def test_vllm_engine_leaves_room_for_a_sequence_of_exactly_max_length(tiny_model
     assert vllm_engine_args(cfg, CPU_BUILD)["kv_cache_memory_bytes"] == 2**30
 
 
+@pytest.mark.parametrize("setting, on_cpu_build, compiled", [
+    (None, True, False), (None, False, True), (True, True, True), (False, False, False)])
+def test_the_engine_compiles_its_model_where_reference_vllm_compile_says(tiny_model, setting, on_cpu_build,
+                                                                         compiled):
+    """Unset: the CPU build runs the model eagerly (vLLM's compilation mode 0, NONE), where compiling was
+    measured to cost more than it saves (docs/benchmarks.md), and a GPU build keeps vLLM's default, which
+    compiles; set, as said."""
+    from pipeline.vllm_scorer import vllm_engine_args
+
+    cfg = _config(tiny_model, **({} if setting is None else {"reference.vllm_compile": setting}))
+    args = vllm_engine_args(cfg, CPU_BUILD if on_cpu_build else CUDA_BUILD)
+    assert ("compilation_config" not in args) == compiled
+    if not compiled:
+        assert args["compilation_config"] == {"mode": 0}
+
+
 # --------------------------------------------------------------------------- vLLM aggregation
 
 
