@@ -7,8 +7,9 @@ Each side is the pipeline's own scorer, as a scoring actor builds it
 (pipeline.vllm_scorer.VLLMScorer with vllm_scorer_args;
 HFScorer), in a process of its own, on the same model folder, the same HH pairs
 tokenized by the pipeline, and the same token budget (reference.batch_tokens).
-The sides alternate (hf, vllm, then vllm, hf, ...) so that other load on the
-machine falls on both. Each process reports its start-up (model load; for vLLM
+vLLM runs twice: as the pipeline builds it on the CPU build (not compiled) and
+compiled (reference.vllm_compile=true). The sides alternate (hf, vllm, vllm+c,
+then the reverse, ...) so that other load on the machine falls on all. Each process reports its start-up (model load; for vLLM
 also the engine's processes, compilation and KV cache) and its scoring time
 separately, so tokens/s is given with and without start-up.
 

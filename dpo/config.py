@@ -132,8 +132,9 @@ class ReferenceConfig(_Section):
     # processes (Ray, the other actors) already hold some.
     cpu_kv_cache_gib: float = Field(1.0, gt=0, json_schema_extra=RESUMABLE)
     # torch.compile of the vLLM engine's model. null: off on vLLM's CPU build, on elsewhere (vLLM's own default).
-    # On the CPU build it was measured to add 11-18 s to each engine start and to save 0.22 s per 256 pairs
-    # (docs/benchmarks.md): it pays only past ~20,000 pairs per actor. It changes rounding, not the scores' value.
+    # On the CPU build compiling added 37 s to an engine start and scored 1.22x faster (docs/benchmarks.md),
+    # while the hf backend scored 2.3x faster than either: the CPU build is for trying the vLLM path, where the
+    # start is what counts. It changes rounding (9e-6 nats a sequence there), not the scores' value.
     vllm_compile: Optional[bool] = Field(None, json_schema_extra=RESUMABLE)
     # vLLM's own log level in the scoring actors: its INFO lines run to hundreds per actor.
     vllm_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", json_schema_extra=RESUMABLE)
