@@ -197,8 +197,9 @@ def test_training_workers_that_need_more_gpus_than_the_cluster_has_are_refused_b
 def test_a_stall_the_check_cannot_foresee_fails_the_stage_naming_what_waits(cluster, model_dir, tmp_path):
     """With the fix (--entrypoint-num-cpus 0) the plan fits: 1 + 1 = 2 of 2 CPUs. Right after the check an
     actor takes 1 CPU (debug.hold_cpus_after_check=1), as another job would. The scan's read task still
-    runs on the other; then the scoring actor takes it, and the tokenize task waits for {CPU: 1} with 0 of
-    2 free. Nothing is written for run.stall_timeout_s=15 s, and the stage fails naming that wait."""
+    runs on the other; then the scoring actor takes it, and the tokenize tasks (one per split: both stream
+    through the one pool) wait for {CPU: 1} each with 0 of 2 free. Nothing is written for
+    run.stall_timeout_s=15 s, and the stage fails naming that wait."""
     out = tmp_path / "run"
     args = readme_submit(cluster, entrypoint_cpus="0") + [
         "--build-model", "quickstart", f"model.policy={model_dir}", f"run.output_dir={out}",
@@ -206,7 +207,7 @@ def test_a_stall_the_check_cannot_foresee_fails_the_stage_naming_what_waits(clus
     proc = subprocess.run(args, env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     line = error_line(proc.stdout + proc.stderr)
-    assert line.startswith(f"error: run.stall_timeout_s: the stage writing {out / 'reference'} and "
-                           f"{out / 'reference_eval'} delivered nothing "
-                           "for 15 s while tasks or actors waited for resources (1 x {CPU: 1}; free: CPU 0 of 2); "), line
+    assert re.match(re.escape(f"error: run.stall_timeout_s: the stage writing {out / 'reference'} and "
+                              f"{out / 'reference_eval'} delivered nothing for 15 s while tasks or actors waited "
+                              "for resources (") + r"[12] x \{CPU: 1\}" + re.escape("; free: CPU 0 of 2); "), line), line
     assert "--entrypoint-num-cpus" in line and "reference.num_actors" in line
