@@ -198,7 +198,8 @@ def rank_micro_batches(global_batch: np.ndarray, micro_batch_size: int, rank: in
     The global batch is cut into global micro-batches of `micro_batch_size` pairs in order (the last one smaller
     where that does not divide), the same at any world size, and dealt to the ranks in turn: micro-batch m to
     rank m % world. A rank dealt fewer than the most loaded one ends with a stand-in of weight 0, so that every
-    rank runs the same number of passes (DDP's gradient sync and FSDP's collectives run in every one).
+    rank runs the same number of passes (FSDP gathers the weights in every one, and DDP's gradient sync in the
+    last one waits for every rank's).
 
     Each pass's loss is sum(per-pair losses) x world / len(global_batch): DDP and FSDP average the ranks'
     gradients, so the step's gradient is sum over every pair / len(global_batch), the mean over the global batch
@@ -213,6 +214,8 @@ def rank_micro_batches(global_batch: np.ndarray, micro_batch_size: int, rank: in
             rows = global_batch[index * micro_batch_size:(index + 1) * micro_batch_size]
             shares.append(MicroBatchShare(index, rows, world / len(global_batch)))
         else:
+            # The step's first pair: a stand-in's loss times 0 is NaN only where that pair's own is, which makes
+            # the step non-finite anyway.
             shares.append(MicroBatchShare(index, global_batch[:1], 0.0))
     return shares
 
