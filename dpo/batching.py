@@ -2,13 +2,18 @@
 
 Determinism over streaming: every rank sees the whole (token ids only) dataset,
 sorted by pair id, and builds the same seeded plan of global batches for an
-epoch from the pairs' lengths alone; rank r then takes its own slice of each
-global batch. Hence
+epoch from the pairs' lengths alone; each global batch is cut into the same
+micro-batches at any world size, and rank r takes every world-th of them
+(`rank_micro_batches`). Hence
 
 - a resumed run continues exactly where it stopped: the plan of an epoch is a
-  function of (seed, epoch) alone, and a step number names a global batch;
+  function of (seed, epoch) and the global batch's size alone, and a step
+  number names a global batch;
+- it may resume on another number of workers: a step's micro-batches, their
+  dropout seeds (`micro_batch_seed`) and their weights in the gradient (the
+  mean over the global batch) do not depend on which rank runs them;
 - 2 workers x batch b and 1 worker x batch 2b see the same global batches, so
-  their gradients (the mean over the global batch) agree.
+  their gradients agree.
 
 Seeing is not copying: the dataset stays in Arrow's layout, each token column
 one int32 buffer of every pair's ids end to end plus an offset and a size per
@@ -174,10 +179,52 @@ def epoch_plan(tokens: np.ndarray, global_batch: int, pool_batches: int, seed: i
     return batches[rng.permutation(steps)]
 
 
-def rank_micro_batches(global_batch: np.ndarray, rank: int, world: int, grad_accum: int) -> list[np.ndarray]:
-    """This rank's micro-batches of one global batch, one per accumulation step."""
-    per = len(global_batch) // (world * grad_accum)
-    return [global_batch[(a * world + rank) * per:(a * world + rank + 1) * per] for a in range(grad_accum)]
+@dataclass(frozen=True)
+class MicroBatchShare:
+    """One forward and backward pass of a rank in a step."""
+
+    index: int          # which global micro-batch: what seeds its random draws, whichever rank runs it
+    rows: np.ndarray    # its pairs (a stand-in's: one pair, counted nowhere)
+    loss_weight: float  # multiplies the sum of its per-pair losses; 0 for a stand-in
+
+    @property
+    def counted(self) -> bool:
+        return self.loss_weight > 0
+
+
+def rank_micro_batches(global_batch: np.ndarray, micro_batch_size: int, rank: int, world: int) -> list[MicroBatchShare]:
+    """This rank's passes of one global batch: the one plan of how a step is split.
+
+    The global batch is cut into global micro-batches of `micro_batch_size` pairs in order (the last one smaller
+    where that does not divide), the same at any world size, and dealt to the ranks in turn: micro-batch m to
+    rank m % world. A rank dealt fewer than the most loaded one ends with a stand-in of weight 0, so that every
+    rank runs the same number of passes (FSDP gathers the weights in every one, and DDP's gradient sync in the
+    last one waits for every rank's).
+
+    Each pass's loss is sum(per-pair losses) x world / len(global_batch): DDP and FSDP average the ranks'
+    gradients, so the step's gradient is sum over every pair / len(global_batch), the mean over the global batch
+    however it is split, uneven micro-batches included (an average per micro-batch or per rank would weigh a
+    pair of a small micro-batch more).
+    """
+    count = -(-len(global_batch) // micro_batch_size)
+    passes = -(-count // world)
+    shares = []
+    for index in range(rank, passes * world, world):
+        if index < count:
+            rows = global_batch[index * micro_batch_size:(index + 1) * micro_batch_size]
+            shares.append(MicroBatchShare(index, rows, world / len(global_batch)))
+        else:
+            # The step's first pair: a stand-in's loss times 0 is NaN only where that pair's own is, which makes
+            # the step non-finite anyway.
+            shares.append(MicroBatchShare(index, global_batch[:1], 0.0))
+    return shares
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The seed of the random draws (dropout, LoRA's dropout) of global micro-batch `index` of step `step`: a
+    function of these alone, so a step draws the same at any world size and after any resume, and a checkpoint
+    needs no RNG state."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
 
 
 @dataclass

@@ -11,11 +11,16 @@ A checkpoint is one folder, `{output_dir}/train/checkpoints/step-{N:08d}/`:
                    ddp, where every rank holds every tensor, DCP writes each
                    tensor once, from one rank)
     scheduler.pt   LR scheduler state
-    rng.pt         torch / numpy / random states of every rank, by rank
     state.json     {"step": N, "epoch": E, "skipped_batches": S}: the last
                    finished step (the data position follows from it, see
                    dpo.batching) and the batches skipped as non-finite so far
     COMPLETE       written last, once every rank's files are in place
+
+Nothing in it is per rank: DCP reads the shards into any number of ranks,
+under ddp and fsdp alike, and no RNG state is kept, since the training loop
+seeds each micro-batch's random draws from (seed, step, micro-batch) alone
+(dpo.batching.micro_batch_seed). So a run resumes on any number of workers.
+A checkpoint written before that holds an rng.pt, by rank, which is not read.
 
 Every rank writes straight into that folder and reads its own shards straight
 from it (a local or shared path, or a URI through DCP's fsspec writer), so a
@@ -56,7 +61,7 @@ TRAINED_STATE = StateDictOptions(ignore_frozen_params=True)
 
 @dataclass
 class TrainState:
-    """What a checkpoint saves of a worker, and a restart restores (with every rank's RNG)."""
+    """What a checkpoint saves of a worker, and a restart restores."""
 
     model: torch.nn.Module      # as the step runs it (DDP, FSDP): its trained parameters as this rank holds them
     optimizer: torch.optim.Optimizer
@@ -73,8 +78,8 @@ def _tensors(state: TrainState) -> dict:
             "optimizer": get_optimizer_state_dict(state.model, state.optimizer)}
 
 
-def restore(state: TrainState, train_dir: str, *, rank: int, lora: bool) -> Optional[dict]:
-    """Load the newest complete checkpoint into `state` and the RNG; each rank reads only the shards it holds.
+def restore(state: TrainState, train_dir: str, *, lora: bool) -> Optional[dict]:
+    """Load the newest complete checkpoint into `state`; each rank reads only the shards it holds.
 
     Returns its state.json, None on a fresh start.
     """
@@ -87,13 +92,12 @@ def restore(state: TrainState, train_dir: str, *, rank: int, lora: bool) -> Opti
     set_model_state_dict(state.model, tensors["model"], options=StateDictOptions(strict=not lora))
     set_optimizer_state_dict(state.model, state.optimizer, tensors["optimizer"])
     state.scheduler.load_state_dict(load(dest, "scheduler.pt"))
-    set_rng_state(load(dest, "rng.pt")[rank])
     saved = read_state(dest)
     state.step, state.skipped = int(saved["step"]), int(saved["skipped_batches"])
     return saved
 
 
-def save(state: TrainState, train_dir: str, *, rank: int, world: int, epoch: int, total_steps: int, keep: int,
+def save(state: TrainState, train_dir: str, *, rank: int, epoch: int, total_steps: int, keep: int,
          metrics: dict) -> None:
     """Every rank writes its shards into the step's folder; rank 0 then the small states, COMPLETE, and the
     report to Ray Train of a pointer to it."""
@@ -101,16 +105,14 @@ def save(state: TrainState, train_dir: str, *, rank: int, world: int, epoch: int
 
     root = storage.join(train_dir, "checkpoints")
     dest = begin(root, state.step) if rank == 0 else folder(root, state.step)
-    rng = rng_state()
-    rngs = [None] * world if dist.is_initialized() else [rng]
     if dist.is_initialized():
-        dist.all_gather_object(rngs, rng)  # also: no rank writes before rank 0 has emptied the folder
+        dist.barrier()  # no rank writes before rank 0 has emptied the folder
     write_shards(dest, _tensors(state))
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    write_states(dest, scheduler_state=state.scheduler.state_dict(), rng_states=rngs, step=state.step,
-                 epoch=epoch, skipped_batches=state.skipped, total_steps=total_steps)
+    write_states(dest, scheduler_state=state.scheduler.state_dict(), step=state.step, epoch=epoch,
+                 skipped_batches=state.skipped, total_steps=total_steps)
     # dcp.save returns on every rank once the last rank's files and the metadata are written.
     finish(root, state.step, keep)
     with tempfile.TemporaryDirectory(prefix="dpo-ckpt-") as tmp:
@@ -119,19 +121,6 @@ def save(state: TrainState, train_dir: str, *, rank: int, world: int, epoch: int
 
 
 # --------------------------------------------------------------------------- RNG
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -155,11 +144,10 @@ def begin(root: str, step: int) -> str:
     return dest
 
 
-def write_states(dest: str, *, scheduler_state: dict, rng_states: list, step: int, epoch: int,
-                 skipped_batches: int, total_steps: int) -> None:
+def write_states(dest: str, *, scheduler_state: dict, step: int, epoch: int, skipped_batches: int,
+                 total_steps: int) -> None:
     """The small, whole states beside the shards (rank 0); `total_steps` is the LR schedule's horizon."""
     storage.write_bytes(storage.join(dest, "scheduler.pt"), _torch_bytes(scheduler_state))
-    storage.write_bytes(storage.join(dest, "rng.pt"), _torch_bytes(rng_states))
     storage.write_text(storage.join(dest, STATE), json.dumps({"step": step, "epoch": epoch,
                                                                "skipped_batches": skipped_batches,
                                                                "total_steps": total_steps}))
@@ -201,9 +189,7 @@ def _torch_bytes(obj) -> bytes:
 
 
 def load(dest: str, name: str):
-    # weights_only=False: the RNG states hold numpy/random objects; we wrote these files ourselves.
-    return torch.load(io.BytesIO(storage.read_bytes(storage.join(dest, name))), map_location="cpu",
-                      weights_only=False)
+    return torch.load(io.BytesIO(storage.read_bytes(storage.join(dest, name))), map_location="cpu")
 
 
 def read_state(dest: str) -> dict:

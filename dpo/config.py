@@ -30,6 +30,9 @@ class ConfigError(UserError):
 # alter what a step computes. The logits path changes only float rounding (dpo.forward); gradient
 # checkpointing recomputes the same values, dropout's RNG state included; the scoring actors' settings change how
 # the reference scores are computed, not what they are, and a re-scored dataset is compared by its fingerprint.
+# The world size and the accumulation split a step's global batch, whose micro-batches, dropout seeds and weights
+# do not depend on the split (dpo.batching.rank_micro_batches): they alter the step only through the global
+# batch's size, which dpo.launch compares on its own (TrainConfig.global_batch).
 RESUMABLE = {"resume_safe": True}
 
 
@@ -148,7 +151,7 @@ _LossKeys = create_model("_LossKeys", __base__=_Section,
 
 
 class TrainConfig(_LossKeys):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0, json_schema_extra=RESUMABLE)
     gpus_per_worker: float = Field(1, ge=0)
@@ -169,8 +172,15 @@ class TrainConfig(_LossKeys):
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
+    # Pairs of one forward pass on a worker: a step's global batch is cut into micro-batches of this many (the
+    # last one smaller where it does not divide), dealt to the workers in turn.
     batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    # Micro-batches per worker a step, without train.global_batch_size: the global batch is then
+    # batch_size x num_workers x grad_accum pairs.
+    grad_accum: int = Field(1, ge=1, json_schema_extra=RESUMABLE)
+    # Pairs per optimizer step, whatever the number of workers: each worker's number of micro-batches follows
+    # from it. null: batch_size x num_workers x grad_accum.
+    global_batch_size: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
     max_steps: Optional[int] = Field(None, ge=1, json_schema_extra=RESUMABLE)
     checkpoint_every: int = Field(100, ge=1, json_schema_extra=RESUMABLE)
     keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
@@ -226,6 +236,29 @@ class TrainConfig(_LossKeys):
                              "both set the warmup; set one of them, the other to 0")
         return self
 
+    @model_validator(mode="after")
+    def _global_batch(self) -> "TrainConfig":
+        if self.global_batch_size is None:
+            return self
+        if self.grad_accum != 1:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} and train.grad_accum="
+                             f"{self.grad_accum} both set the micro-batches of a step (with train.global_batch_size "
+                             "they follow from it and the number of workers); set one of them, train.grad_accum "
+                             "to 1")
+        micro_batches = -(-self.global_batch_size // self.batch_size)
+        if micro_batches < self.num_workers:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} makes {micro_batches} micro-batch"
+                             f"{'es' if micro_batches > 1 else ''} of up to train.batch_size={self.batch_size} pairs "
+                             f"a step, fewer than train.num_workers={self.num_workers}, so a worker would train on "
+                             "nothing; raise train.global_batch_size, or lower train.batch_size or "
+                             "train.num_workers")
+        return self
+
+    @property
+    def global_batch(self) -> int:  # of the keys GLOBAL_BATCH_KEYS
+        """Pairs per optimizer step: the one place that says how many."""
+        return self.global_batch_size or self.batch_size * self.num_workers * self.grad_accum
+
     @property
     def loss_options(self) -> dict:
         """The ``**options`` of dpo.losses.preference_loss, from their train.* keys."""
@@ -234,6 +267,10 @@ class TrainConfig(_LossKeys):
     @property
     def loss_types(self) -> list[str]:
         return list(self.loss_type) if isinstance(self.loss_type, list) else [self.loss_type]
+
+
+# The train.* keys that TrainConfig.global_batch is made of.
+GLOBAL_BATCH_KEYS = ("global_batch_size", "batch_size", "num_workers", "grad_accum")
 
 
 class DebugConfig(_Section):

@@ -29,7 +29,7 @@ import yaml
 
 from dpo import fingerprint as fpr, schema, storage
 from dpo.checkpoint import complete_steps, newest, read_metrics
-from dpo.config import Config, layout_of_retired_switches, resume_safe
+from dpo.config import GLOBAL_BATCH_KEYS, Config, TrainConfig, layout_of_retired_switches, resume_safe
 from dpo.errors import UserError
 from dpo.model_folders import check_max_length, check_model_folder, read_model_config
 from dpo.job_cpus import bundle_text, free_text, refuse_unless_fits
@@ -82,10 +82,12 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
     check_lora_targets(cfg, read_model_config(cfg.model.policy, "model.policy", cfg.model.trust_remote_code))
     check_trackers(cfg)
     refuse_unless_training_fits(cfg)
-    global_batch = t.batch_size * t.num_workers * t.grad_accum
-    if train.pairs < global_batch:
-        raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {global_batch} "
-                        "(train.batch_size x train.num_workers x train.grad_accum); lower one of them")
+    if train.pairs < t.global_batch:
+        made_of = ("train.global_batch_size; lower it" if t.global_batch_size else
+                   "train.batch_size x train.num_workers x train.grad_accum, train.global_batch_size being unset; "
+                   "lower one of them, or set train.global_batch_size")
+        raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {t.global_batch} "
+                        f"({made_of})")
 
 
 def refuse_unless_training_fits(cfg: Config) -> None:
@@ -190,6 +192,16 @@ def _check_resumable(cfg: Config, train_dir: str, datasets: dict) -> None:
         raise UserError(f"{train_dir} holds checkpoints of a run with another {changed[0]}"
                         f"{' (and ' + ', '.join(changed[1:]) + ')' if changed[1:] else ''}, and training resumes "
                         "from them; set it back to resume, or delete that folder (or set run.output_dir) to start over")
+    # The keys that split a step are RESUMABLE, the step's size is not: it names the data position and the mean.
+    saved_global_batch = TrainConfig.model_construct(**{
+        key: saved[f"train.{key}"] for key in GLOBAL_BATCH_KEYS if f"train.{key}" in saved}).global_batch
+    if saved_global_batch != cfg.train.global_batch:
+        raise UserError(f"{train_dir} holds checkpoints of a run with another train.global_batch_size "
+                        f"({saved_global_batch} pairs a step, now {cfg.train.global_batch}), and training resumes "
+                        "from them; set train.global_batch_size to "
+                        f"{saved_global_batch} to resume on any train.num_workers (unset, it is train.batch_size x "
+                        "train.num_workers x train.grad_accum), or delete that folder (or set run.output_dir) to "
+                        "start over")
     datasets_path = storage.join(train_dir, DATASETS_FILE)
     if not storage.exists(datasets_path):  # written by every run since the record exists
         return

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from dpo import checkpoint as ckpt
 from dpo import storage
-from dpo.batching import Pairs, collate, epoch_plan, packing_supported, rank_micro_batches
+from dpo.batching import Pairs, collate, epoch_plan, micro_batch_seed, packing_supported, rank_micro_batches
 from dpo.config import Config, TrainConfig
 from dpo.export import save_policy
 from dpo.forward import sequence_logps
@@ -64,11 +64,6 @@ class Context:
     @property
     def t(self) -> TrainConfig:
         return self.cfg.train
-
-    @property
-    def pairs_per_step(self) -> int:
-        """The global batch: pairs of every rank and micro-step in one optimizer step."""
-        return self.t.batch_size * self.world * self.t.grad_accum
 
 
 @dataclass
@@ -124,7 +119,7 @@ def train_loop_per_worker(config: dict) -> Optional[str]:
                 last.update(evaluate(w))
             _log(w, last)
         if step % t.checkpoint_every == 0 or step == c.total_steps:
-            ckpt.save(w.state, c.train_dir, rank=c.rank, world=c.world, epoch=(step - 1) // c.steps_per_epoch,
+            ckpt.save(w.state, c.train_dir, rank=c.rank, epoch=(step - 1) // c.steps_per_epoch,
                       total_steps=c.total_steps, keep=t.keep_checkpoints, metrics=last)
     if c.eval_pairs is not None and not last:  # resumed with nothing left to train: still report held-out numbers
         last = evaluate(w)
@@ -147,7 +142,7 @@ def setup(config: dict) -> Worker:
     # Every rank sees the whole dataset, mapped from the node's one copy in the object store: see dpo.batching.
     train_pairs = Pairs.from_batch(ray.get(config["train_pairs"]))
     eval_pairs = Pairs.from_batch(ray.get(config["eval_pairs"])) if config["eval_pairs"] is not None else None
-    steps_per_epoch = len(train_pairs) // (t.batch_size * world * t.grad_accum)
+    steps_per_epoch = len(train_pairs) // t.global_batch
     total, capped = training_steps(t, steps_per_epoch)
     if capped and rank == 0:
         log.warning(capped)
@@ -165,7 +160,7 @@ def setup(config: dict) -> Worker:
                             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total)))
     c = Context(cfg=cfg, rank=rank, world=world, runtime=runtime, train_pairs=train_pairs, eval_pairs=eval_pairs,
                 steps_per_epoch=steps_per_epoch, total_steps=total, train_dir=storage.join(cfg.run.output_dir, "train"))
-    saved = ckpt.restore(state, c.train_dir, rank=rank, lora=cfg.model.lora.enabled)
+    saved = ckpt.restore(state, c.train_dir, lora=cfg.model.lora.enabled)
     if saved is not None:
         # A checkpoint written before state.json held the horizon: taken as unchanged.
         state.scheduler, changed = resumed_schedule(t, optimizer, state.scheduler,
@@ -182,9 +177,10 @@ def setup(config: dict) -> Worker:
             {"resumed_after_step": state.step, "workers": world, "started": round(time.time(), 3)})
         metrics_log = ckpt.MetricsLog(storage.join(c.train_dir, "metrics.jsonl"))
         metrics_log.truncate_after(state.step)
-        log.info("training %d pairs, %d steps of %d pairs (%d per worker x %d workers x %d accumulation), "
-                 "%s layout, logits %s, resuming after step %d", len(train_pairs), total, c.pairs_per_step,
-                 t.batch_size, world, t.grad_accum, runtime.layout,
+        log.info("training %d pairs, %d steps of %d pairs (%d micro-batch passes of up to %d pairs per worker x "
+                 "%d workers), %s layout, logits %s, resuming after step %d", len(train_pairs), total,
+                 t.global_batch, len(rank_micro_batches(np.arange(t.global_batch), t.batch_size, rank, world)),
+                 t.batch_size, world, runtime.layout,
                  "at response positions only" if policy.response_only else "at every position", state.step)
     model.train()
     return Worker(ctx=c, state=state, sinks=Sinks(metrics_log, trackers))
@@ -195,26 +191,31 @@ def batch_rows(w: Worker, step: int) -> np.ndarray:
     c = w.ctx
     epoch, index = divmod(step - 1, c.steps_per_epoch)
     if w.plan is None or w.plan[0] != epoch:
-        w.plan = epoch, epoch_plan(c.train_pairs.tokens_per_pair, c.pairs_per_step, c.t.length_group_batches,
+        w.plan = epoch, epoch_plan(c.train_pairs.tokens_per_pair, c.t.global_batch, c.t.length_group_batches,
                                    c.cfg.run.seed, epoch)
     return w.plan[1][index]
 
 
 def train_step(w: Worker, batch: np.ndarray) -> StepResult:
-    """One optimizer step on this rank's share of a global batch; a non-finite step leaves the weights alone."""
+    """Optimizer step state.step + 1 on this rank's share of its global batch; a non-finite step leaves the
+    weights alone."""
     c, s, rt = w.ctx, w.state, w.ctx.runtime
     t = c.t
     started = time.perf_counter()
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     bad: list[str] = []
-    micro = rank_micro_batches(batch, c.rank, c.world, t.grad_accum)
-    for a, rows in enumerate(micro):
-        mb = collate(c.train_pairs, rows, rt.pad_id, rt.layout).to(rt.device)
+    shares = rank_micro_batches(batch, t.batch_size, c.rank, c.world)
+    for a, share in enumerate(shares):
+        mb = collate(c.train_pairs, share.rows, rt.pad_id, rt.layout).to(rt.device)
+        # Dropout draws what this global micro-batch draws on any rank, at any world size.
+        torch.manual_seed(micro_batch_seed(c.cfg.run.seed, s.step + 1, share.index))
         # Gradients are reduced across ranks on the last micro-step only.
-        with gradient_sync(rt.model, a == len(micro) - 1), rt.autocast:
+        with gradient_sync(rt.model, a == len(shares) - 1), rt.autocast:
             chosen, rejected = sequence_logps(rt.model, mb.inputs, average=t.average_logps)
             out = micro_batch_losses(t, chosen, rejected, mb)
-            (out.losses.sum() / (t.batch_size * t.grad_accum)).backward()
+            (out.losses.sum() * share.loss_weight).backward()
+        if not share.counted:
+            continue
         stats += _batch_stats(out, chosen, rejected, mb)
         bad += [p for p, ok in zip(mb.pair_ids, torch.isfinite(out.losses.detach()).tolist()) if not ok]
     result = StepResult(_all_reduce(stats), clip_grad_norm(rt.model, t.max_grad_norm),

@@ -12,8 +12,7 @@ from dpo import checkpoint as ckpt
 def publish(root, step, keep=2):
     """What _save does around the shards: an emptied folder, the small states, COMPLETE last."""
     folder = ckpt.begin(str(root), step)
-    ckpt.write_states(folder, scheduler_state={}, rng_states=[], step=step, epoch=0, skipped_batches=0,
-                      total_steps=10)
+    ckpt.write_states(folder, scheduler_state={}, step=step, epoch=0, skipped_batches=0, total_steps=10)
     ckpt.finish(str(root), step, keep)
 
 
@@ -23,8 +22,7 @@ def own(tmp_path):
     for step in (4, 6):
         publish(root, step)
     half = ckpt.begin(str(root), 8)  # its shards were being written when the worker died: no COMPLETE
-    ckpt.write_states(half, scheduler_state={}, rng_states=[], step=8, epoch=0, skipped_batches=0,
-                      total_steps=10)
+    ckpt.write_states(half, scheduler_state={}, step=8, epoch=0, skipped_batches=0, total_steps=10)
     return root
 
 
@@ -39,8 +37,7 @@ def test_a_retried_step_starts_from_an_empty_folder_and_pruning_keeps_the_newest
     """The retry of step 8 empties what the dead try left; once complete, only steps 6 and 8 remain (keep 2)."""
     (own / "step-00000008" / "__1_0.distcp").write_bytes(b"a dead try's shard")
     publish(own, 8)
-    assert sorted(p.name for p in (own / "step-00000008").iterdir()) == ["COMPLETE", "rng.pt", "scheduler.pt",
-                                                                        ckpt.STATE]
+    assert sorted(p.name for p in (own / "step-00000008").iterdir()) == ["COMPLETE", "scheduler.pt", ckpt.STATE]
     assert sorted(p.name for p in own.iterdir()) == ["step-00000006", "step-00000008"]
     assert json.loads((own / "step-00000008" / ckpt.STATE).read_text()) == {"step": 8, "epoch": 0,
                                                                            "skipped_batches": 0, "total_steps": 10}
@@ -129,6 +126,30 @@ def test_keys_marked_resumable_may_change_on_resume(tmp_path):
         "train.max_failures=0", "train.response_logits=off", "train.gradient_checkpointing=true",
         "train.report_to=[tensorboard]", "train.cpus_per_worker=2", "debug.fail_at_step=5"]),
         str(train_dir), TRAINED_ON)
+
+
+def test_a_resume_on_another_number_of_workers_must_keep_the_global_batch(tmp_path):
+    """A run of 2 workers x 8 pairs (train.global_batch_size unset: 16 pairs a step) resumes on 1 worker with
+    train.global_batch_size=16, and a run saved with it set resumes with it unset where the keys make the
+    same 16. Another global batch is refused naming train.global_batch_size, the two sizes and how to resume:
+    1 worker with it unset (8 pairs a step), or an accumulation that doubles it (32)."""
+    from dpo.config import load_config
+    from dpo.errors import UserError
+    from dpo.launch import _check_resumable
+
+    train_dir = a_run_with_one_checkpoint(tmp_path, "train.num_workers=2", "train.batch_size=8")
+    _check_resumable(load_config(None, [f"run.output_dir={tmp_path}", "train.num_workers=1", "train.batch_size=8",
+                                        "train.global_batch_size=16"]), str(train_dir), TRAINED_ON)
+    for other, size in ((["train.num_workers=1"], 8), (["train.num_workers=2", "train.grad_accum=2"], 32)):
+        with pytest.raises(UserError, match=rf"another train\.global_batch_size \(16 pairs a step, now {size}\), and "
+                                            r"training resumes from them; set train\.global_batch_size to 16"):
+            _check_resumable(load_config(None, [f"run.output_dir={tmp_path}", "train.batch_size=8", *other]),
+                             str(train_dir), TRAINED_ON)
+
+    set_train_dir = a_run_with_one_checkpoint(tmp_path / "set", "train.num_workers=1", "train.batch_size=8",
+                                              "train.global_batch_size=16")
+    _check_resumable(load_config(None, [f"run.output_dir={tmp_path / 'set'}", "train.num_workers=2",
+                                        "train.batch_size=8"]), str(set_train_dir), TRAINED_ON)
 
 
 @pytest.mark.parametrize("packing, prefix_sharing, attention, layout", [

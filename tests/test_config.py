@@ -44,6 +44,13 @@ def test_overrides_are_yaml_scalars_and_lists():
                               "'shared_prompt' (got 'shared')"),
     (["train.report_to=[wandb,comet]"], "config key 'train.report_to.1': input should be 'tensorboard', 'wandb' "
                                         "or 'mlflow' (got 'comet')"),
+    (["train.global_batch_size=0"], "config key 'train.global_batch_size': input should be greater than or equal to 1"),
+    # With train.global_batch_size the micro-batches per worker follow from the world size: grad_accum contradicts.
+    (["train.global_batch_size=16", "train.grad_accum=2"], "train.global_batch_size=16 and train.grad_accum=2 both "
+                                                           "set the micro-batches of a step"),
+    (["train.global_batch_size=9", "train.batch_size=8", "train.num_workers=3"],
+     "train.global_batch_size=9 makes 2 micro-batches of up to train.batch_size=8 pairs a step, fewer than "
+     "train.num_workers=3, so a worker would train on nothing"),
 ])
 def test_mistakes_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:

@@ -350,7 +350,7 @@ def test_checkpoints_are_complete_and_pruned(two_workers, tiny_model):
     root = train_dir / "checkpoints"
     assert sorted(os.listdir(root)) == ["step-00000006", "step-00000008"]   # keep_checkpoints=2
     assert sorted(os.listdir(root / "step-00000008")) == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp",
-                                                          "rng.pt", "scheduler.pt", "state.json"]
+                                                          "scheduler.pt", "state.json"]
     with open(root / "step-00000008" / "state.json") as fh:
         assert json.load(fh) == {"step": 8, "epoch": 1, "skipped_batches": 0, "total_steps": 8}
     assert all(size > 0 for size in shard_bytes(root / "step-00000008").values())
@@ -389,6 +389,17 @@ def test_strict_spread_over_more_workers_than_nodes_is_refused_before_any_worker
     assert str(info.value) == (
         "train.placement_strategy=STRICT_SPREAD puts each of the train.num_workers=2 workers on a node of its own, "
         "but the cluster has 1, so it would wait forever; lower train.num_workers, use SPREAD or PACK, or add nodes")
+    assert not os.path.exists(scored / "train" / "config.yaml"), "refused before training wrote anything"
+
+
+def test_a_global_batch_the_data_cannot_fill_is_refused_before_any_worker(base):
+    """48 train pairs cannot make one step of train.global_batch_size=64: refused in one line naming the key."""
+    overrides, scored = base
+    cfg = load_config(None, overrides + TRAIN + [f"run.output_dir={scored}", "train.num_workers=1",
+                                                 "train.batch_size=8", "train.global_batch_size=64"])
+    with pytest.raises(UserError, match=r"holds 48 pairs, fewer than one global batch of 64 "
+                                        r"\(train\.global_batch_size; lower it\)$"):
+        train(cfg, *find_datasets(cfg))
     assert not os.path.exists(scored / "train" / "config.yaml"), "refused before training wrote anything"
 
 
@@ -531,7 +542,8 @@ FSDP = [*TWO[:1], "train.batch_size=2", "train.grad_accum=2", "train.strategy=fs
 
 @pytest.fixture(scope="module")
 def fsdp(base, tmp_path_factory):
-    return run(base, tmp_path_factory.mktemp("fsdp"), *FSDP)
+    """Keeping its step-3 checkpoint for test_fsdp_stopped_at_step_4_resumes_on_one_worker_and_equals_two."""
+    return run(base, tmp_path_factory.mktemp("fsdp"), *FSDP, "train.keep_checkpoints=3")
 
 
 def test_fsdp_with_accumulation_matches_ddp_within_its_rounding(fsdp, two_workers, tiny_model):
@@ -575,8 +587,8 @@ def test_fsdp_through_a_failure_equals_fsdp_uninterrupted_bit_for_bit(base, tmp_
     of the weights and AdamW state into each checkpoint (torch.distributed.checkpoint). A worker dies at step
     5 and each rank reads its own shards of step 3 back: the run resumed after step 3 (its own record says
     so), and every step's metrics and the exported weights are the uninterrupted fsdp run's, bit for bit (the
-    same reduction order; against ddp, see the test above). A resume under another world size is refused,
-    naming the key."""
+    same reduction order; against ddp, see the test above). A resume under another global batch (1 worker
+    with train.global_batch_size unset: 4 pairs a step) is refused, naming the key."""
     out = tmp_path / "fsdp"
     cfg, result, metrics = run(base, out, *FSDP, "debug.fail_at_step=5", "train.max_failures=1")
     assert (out / "train" / ".failed_at_step_5").exists()
@@ -589,8 +601,54 @@ def test_fsdp_through_a_failure_equals_fsdp_uninterrupted_bit_for_bit(base, tmp_
     assert all(abs(size - sum(shards.values()) / 2) < 0.1 * sum(shards.values()) / 2 for size in shards.values())
     assert_stored_once(out / "train", tiny_model, 2)
 
-    with pytest.raises(UserError, match="holds checkpoints of a run with another train.num_workers"):
-        run(base, out, "train.num_workers=1", "train.batch_size=8", "train.strategy=fsdp")
+    with pytest.raises(UserError, match=r"another train\.global_batch_size \(8 pairs a step, now 4\)"):
+        run(base, out, "train.num_workers=1", "train.batch_size=2", "train.grad_accum=2", "train.strategy=fsdp")
+
+
+def resume_from(uninterrupted, step: int, out: Path) -> None:
+    """A run folder in `out` holding what `uninterrupted` (a run fixture that keeps its step-`step` checkpoint)
+    had written when it stopped before its next checkpoint: its config, its datasets' fingerprints, its
+    metrics and attempts, and that checkpoint as the newest. A job submitted there resumes after `step`, as
+    the stopped run would (test_a_run_interrupted_twice_resumes_where_it_stopped_and_equals_uninterrupted
+    proves that such a resume is the uninterrupted run's, bit for bit); it costs no Ray run of its own."""
+    source = Path(uninterrupted[0].run.output_dir) / "train"
+    (out / "train" / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "datasets.json", "metrics.jsonl", "attempts.jsonl"):
+        shutil.copy(source / name, out / "train" / name)
+    name = f"step-{step:08d}"
+    shutil.copytree(source / "checkpoints" / name, out / "train" / "checkpoints" / name)
+
+
+def test_two_workers_stopped_at_step_4_resume_on_one_and_equal_two_workers(base, tmp_path, two_workers):
+    """two_workers' run (ddp, 2 x 4 pairs a step) fails at step 5 after logging step 4, and is submitted again
+    on 1 worker with train.global_batch_size=8 (4 pairs a micro-batch, so 2 micro-batches on the one worker):
+    it resumes after step 3 from a checkpoint the 2 workers wrote (DCP reads both ranks' files into the one),
+    and every step's metrics and the exported weights are two_workers' within 1e-5. The same micro-batches,
+    seeds and weights: the one worker accumulates g0/8 + g1/8 where 2 ranks average 2 g0/8 and 2 g1/8, the
+    same floats (measured: bit for bit)."""
+    import ray.train
+
+    out = tmp_path / "two-then-one"
+    with pytest.raises(ray.train.TrainingFailedError):
+        run(base, out, *TWO, "debug.fail_at_step=5")
+    cfg, result, metrics = run(base, out, "train.num_workers=1", "train.batch_size=4", "train.global_batch_size=8")
+    assert attempts(cfg) == [(0, 2), (3, 1)]
+    assert_same_run(metrics, result, two_workers, 1e-5)
+
+
+def test_fsdp_stopped_at_step_4_resumes_on_one_worker_and_equals_two(base, tmp_path, fsdp):
+    """The fsdp run's step-3 checkpoint (each of 2 ranks wrote its half of every tensor), resumed on 1 fsdp
+    worker with train.global_batch_size=8 (its 4 micro-batches of 2 pairs where each of 2 ranks ran 2): DCP
+    reshards the weights and AdamW's moments into the one rank, and every step's metrics and the exported
+    weights are the 2-rank run's within 1e-5. Not bit for bit: the one rank adds its 4 micro-batches' gradients
+    in another order than 2 ranks' 2 each, and the gradient norm sums its shards' squares in another order
+    (measured: grad_norm 1.1e-6 apart, the weights 1.2e-7)."""
+    out = tmp_path / "fsdp-two-then-one"
+    resume_from(fsdp, 3, out)
+    cfg, result, metrics = run(base, out, "train.num_workers=1", "train.batch_size=2", "train.global_batch_size=8",
+                               "train.strategy=fsdp")
+    assert attempts(cfg) == [(0, 2), (3, 1)]
+    assert_same_run(metrics, result, fsdp, 1e-5)
 
 
 # LoRA: model.lora's defaults (r 16, alpha 32, dropout 0.05, all seven projections) on the tiny model, at the lr
@@ -601,7 +659,9 @@ LORA = ["model.lora.enabled=true", "train.learning_rate=3e-2", "train.lr_schedul
 
 @pytest.fixture(scope="module")
 def lora(base, tmp_path_factory):
-    return run(base, tmp_path_factory.mktemp("lora"), "train.num_workers=2", "train.batch_size=4", *LORA)
+    """Keeping its step-3 checkpoint for test_lora_resumed_on_one_worker_then_two_equals_two_throughout."""
+    return run(base, tmp_path_factory.mktemp("lora"), "train.num_workers=2", "train.batch_size=4", *LORA,
+               "train.keep_checkpoints=3")
 
 
 def test_lora_learns_from_ln2_and_leaves_the_base_alone(lora, tiny_model):
@@ -674,3 +734,21 @@ def test_lora_fsdp_with_checkpointing_matches_ddp(base, tmp_path, lora, tiny_mod
     _, result, metrics = run(base, tmp_path / "lora-fsdp", "train.num_workers=2", "train.batch_size=4", *LORA,
                              "train.strategy=fsdp", "train.gradient_checkpointing=true")
     assert_same_run_up_to_rounding(metrics, result, lora, tiny_model)
+
+
+def test_lora_resumed_on_one_worker_then_two_equals_two_throughout(base, tmp_path, lora):
+    """The LoRA run's step-3 checkpoint (2 workers) resumed on 1 worker with train.global_batch_size=8, which
+    fails at step 7 after its step-6 checkpoint, then on 2 workers again: its record says 2, 1, then 2
+    workers, and every step's metrics and the exported weights are the 2-worker run's within 1e-5. LoRA's
+    dropout draws per global micro-batch (dpo.batching.micro_batch_seed), so micro-batch 1 draws the same
+    masks on rank 0 of 1 as on rank 1 of 2 (measured: bit for bit; seeded by rank instead, this fails)."""
+    import ray.train
+
+    out = tmp_path / "lora-one-then-two"
+    resume_from(lora, 3, out)
+    with pytest.raises(ray.train.TrainingFailedError):
+        run(base, out, "train.num_workers=1", "train.batch_size=4", "train.global_batch_size=8", *LORA,
+            "debug.fail_at_step=7")
+    cfg, result, metrics = run(base, out, *TWO, "train.global_batch_size=8", *LORA)
+    assert attempts(cfg) == [(0, 2), (3, 1), (6, 2)]
+    assert_same_run(metrics, result, lora, 1e-5)
