@@ -115,3 +115,58 @@ def read_parquet_files(folder: str, names: list[str], columns: Optional[list[str
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
         return pa.concat_tables(list(pool.map(read, names)))
+
+
+def check_uri(uri: str, key: str, *, fsspec_too: bool = False) -> None:
+    """One line naming `key` when the object store behind `uri` cannot be used, before anything starts: a
+    scheme no filesystem serves, a bucket that does not exist, credentials the store refuses, an endpoint
+    that does not answer. `fsspec_too`: the path is also written through fsspec (DCP's checkpoints), whose
+    package for the scheme must be installed.
+
+    The store is found the standard way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... for s3://), as every
+    client in the job finds it.
+    """
+    from dpo.errors import UserError
+
+    scheme, _, rest = uri.partition("://")
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError) as exc:
+        raise UserError(f"{key}: {uri}: no filesystem serves {scheme}:// ({exc}); use s3://, gs://, hdfs:// or a "
+                        "local path") from None
+    if fsspec_too:
+        _check_fsspec(scheme, uri, key)
+    bucket = path.split("/", 1)[0]
+    where = f" at {os.environ['AWS_ENDPOINT_URL']}" if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL") else ""
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise UserError(f"{key}: {uri}: {_store_refusal(scheme, str(exc), where)}") from None
+    if not found:
+        raise UserError(f"{key}: {uri}: the bucket {bucket} does not exist{where}; create it, or fix the URI")
+
+
+def _store_refusal(scheme: str, message: str, where: str) -> str:
+    """What the user can do about an object store's error, in a few words, with the store's own message."""
+    first = message.strip().splitlines()[0] if message.strip() else message
+    if "NETWORK_CONNECTION" in message or "Could not connect" in message or "Couldn't resolve" in message:
+        fix = ("nothing answers" + (where or " at the store's endpoint") + "; check AWS_ENDPOINT_URL and that the "
+               "store is up" if scheme == "s3" else "the store does not answer; check its address and network")
+    else:  # credentials refused among them: the store's own words say which
+        fix = "the store answered with an error" + where
+    return f"{fix} ({first})"
+
+
+def _check_fsspec(scheme: str, uri: str, key: str) -> None:
+    from dpo.errors import UserError
+
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as exc:
+        raise UserError(f"{key}: {uri}: checkpoints are written through fsspec, which needs a package for "
+                        f"{scheme}:// ({exc})") from None
+    except ValueError as exc:
+        raise UserError(f"{key}: {uri}: checkpoints are written through fsspec, which knows no {scheme}:// "
+                        f"({exc})") from None

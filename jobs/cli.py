@@ -16,10 +16,12 @@ import socket
 import sys
 from typing import Callable, Iterator, Optional
 
+from dpo import storage
 from dpo.config import Config, load_config
 from dpo.errors import UserError
 from dpo.job_cpus import note_free_cpus
 from jobs.logs import FILE_ONLY, JobLog, setup_terminal, show
+from pipeline.read import expand_inputs
 from pipeline.vllm_scorer import check_torchvision
 
 log = logging.getLogger("raydpo")
@@ -112,6 +114,7 @@ def job(name: str, argv: Optional[list[str]], description: str, extra=None,
     job_log = None
     try:
         cfg, args = parse(argv, description, extra)
+        check_object_stores(cfg)
         job_log = JobLog(cfg, name)
         log.info("%s: the full log goes to %s", name, job_log.path)
         log.info("%s: %s\nresolved config\n%s", name, " ".join(sys.argv), cfg.to_yaml().rstrip(), extra=FILE_ONLY)
@@ -132,6 +135,18 @@ def job(name: str, argv: Optional[list[str]], description: str, extra=None,
     finally:
         if job_log is not None:
             job_log.close()
+
+
+def check_object_stores(cfg: Config) -> None:
+    """Every object-store URI of the config, tried before the job's log, Ray or a stage starts: a mistake in
+    the store's name, bucket or endpoint, or an input that is not there, is one line naming the key, not a
+    stage's traceback."""
+    for key, paths in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
+        uris = [path for path in paths if storage.is_uri(path)]
+        if uris:
+            expand_inputs(uris, key)
+    if storage.is_uri(cfg.run.output_dir):
+        storage.check_uri(cfg.run.output_dir, "run.output_dir", fsspec_too=True)
 
 
 def user_error_in(exc: BaseException) -> Optional[UserError]:

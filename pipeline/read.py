@@ -12,6 +12,7 @@ Rows are grouped into deterministic shards (`{file_index:04d}-{chunk:06d}`,
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -26,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dpo.errors import UserError
-from dpo.storage import is_uri, resolve
+from dpo.storage import check_uri, is_uri, resolve
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 # A line this long cannot fit any sane max_length; refusing it early keeps a
@@ -61,12 +62,16 @@ def expand_inputs(paths: list[str], key: str = "data.train_files") -> list[str]:
     out: list[str] = []
     for path in paths:
         if is_uri(path):
+            check_uri(path, key)
             fs, p = resolve(path)
+            scheme = path.split("://", 1)[0]
+            if any(ch in p for ch in "*?["):
+                out += _uri_matches(fs, scheme, p, path, key)
+                continue
             info = fs.get_file_info(p)
             if info.type == pafs.FileType.NotFound:
                 raise UserError(f"{key}: {path} does not exist; check the path")
             if info.type == pafs.FileType.Directory:
-                scheme = path.split("://", 1)[0]
                 infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
                 out += sorted(f"{scheme}://{i.path}" for i in infos if i.path.endswith(SUFFIXES))
             else:
@@ -92,6 +97,19 @@ def expand_inputs(paths: list[str], key: str = "data.train_files") -> list[str]:
         if not path.endswith(SUFFIXES):
             raise UserError(f"{key}: {path} is not .jsonl, .jsonl.gz, .json or .parquet; convert it or rename it")
     return [p if is_uri(p) else os.path.abspath(p) for p in out]
+
+
+def _uri_matches(fs, scheme: str, pattern: str, uri: str, key: str) -> list[str]:
+    """The files of an object store matching a glob, sorted: the folder before the first wildcard, listed."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    base = "/".join(parts[:fixed])
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    found = sorted(f"{scheme}://{i.path}" for i in infos
+                   if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern))
+    if not found:
+        raise UserError(f"{key}: the pattern {uri} matches no file; check the path")
+    return found
 
 
 # --------------------------------------------------------------------------- records
