@@ -38,7 +38,7 @@ def _lines(path: Path, start: int, stop: int) -> bytes:
 def store(tmp_path_factory):
     """A bucket holding 60 train pairs as data/a.jsonl (30) and data/b.jsonl.gz (30), 20 held-out pairs as
     data/eval.parquet, and the same files on local disk; the AWS variables pointing at it while the module runs."""
-    boto3 = pytest.importorskip("boto3")
+    import boto3
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
