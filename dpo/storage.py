@@ -129,15 +129,17 @@ def check_uri(uri: str, key: str, *, fsspec_too: bool = False) -> None:
     from dpo.errors import UserError
 
     scheme, _, rest = uri.partition("://")
+    where = f" at {os.environ['AWS_ENDPOINT_URL']}" if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL") else ""
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError) as exc:
         raise UserError(f"{key}: {uri}: no filesystem serves {scheme}:// ({exc}); use s3://, gs://, hdfs:// or a "
                         "local path") from None
+    except OSError as exc:  # S3's asks the store for the bucket's region
+        raise UserError(f"{key}: {uri}: {_store_refusal(scheme, str(exc), where)}") from None
     if fsspec_too:
         _check_fsspec(scheme, uri, key)
     bucket = path.split("/", 1)[0]
-    where = f" at {os.environ['AWS_ENDPOINT_URL']}" if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL") else ""
     try:
         found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
     except OSError as exc:

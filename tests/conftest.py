@@ -136,3 +136,36 @@ def independent_logp():
         return total
 
     return logp
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 API on loopback, moto's server in a process of its own (in this one, its Flask would break
+    vLLM's kernel registration, which walks every loaded module), and the standard AWS variables pointing at it
+    while the module runs: the project finds it only through them, as it would find MinIO or S3."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        assert server.poll() is None and time.time() < deadline, "moto's server did not start"
+        time.sleep(0.2)
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="raydpo",
+                      AWS_SECRET_ACCESS_KEY="raydpo", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.kill()
+        server.wait(timeout=60)

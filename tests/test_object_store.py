@@ -1,7 +1,7 @@
 """Promise: input files on an object store are read as local ones are, and a store that cannot be used is
 one line naming the key, before Ray starts.
 
-The store is a real S3 API on loopback: moto's server (`ThreadedMotoServer`), found by the job only through
+The store is a real S3 API on loopback: moto's server (conftest.s3_server), found by the job only through
 the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION),
 as it would find MinIO or S3. The jobs run as processes of their own: their Ray, and its read tasks, take
 the variables from them, as a job's runtime env gives them on a cluster.
@@ -9,7 +9,6 @@ the variables from them, as a job's runtime env gives them on a cluster.
 
 import gzip
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -35,20 +34,11 @@ def _lines(path: Path, start: int, stop: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, s3_server):
     """A bucket holding 60 train pairs as data/a.jsonl (30) and data/b.jsonl.gz (30), 20 held-out pairs as
-    data/eval.parquet, and the same files on local disk; the AWS variables pointing at it while the module runs."""
+    data/eval.parquet, and the same files on local disk."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    before = {name: os.environ.get(name) for name in names}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="raydpo",
-                      AWS_SECRET_ACCESS_KEY="raydpo", AWS_DEFAULT_REGION="us-east-1")
     local = tmp_path_factory.mktemp("local-copy")
     files = {"data/a.jsonl": _lines(EXAMPLES / "train.jsonl", 0, 30),
              "data/b.jsonl.gz": gzip.compress(_lines(EXAMPLES / "train.jsonl", 30, 60))}
@@ -62,15 +52,7 @@ def store(tmp_path_factory):
         s3.put_object(Bucket=BUCKET, Key=key, Body=body)
         (local / key).parent.mkdir(parents=True, exist_ok=True)
         (local / key).write_bytes(body)
-    try:
-        yield {"env": dict(os.environ), "local": local}
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        server.stop()
+    return {"env": dict(os.environ), "local": local}
 
 
 def _config_file(path: Path, overrides: list[str]) -> str:
