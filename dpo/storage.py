@@ -139,6 +139,8 @@ def check_uri(uri: str, key: str, *, fsspec_too: bool = False) -> None:
         raise UserError(f"{key}: {uri}: {_store_refusal(scheme, str(exc), where)}") from None
     if fsspec_too:
         _check_fsspec(scheme, uri, key)
+    if path.startswith("/"):  # a filesystem with folders from its root (file://, hdfs://), not buckets
+        return
     bucket = path.split("/", 1)[0]
     try:
         found = fs.get_file_info(bucket).type != pafs.FileType.NotFound

@@ -124,3 +124,13 @@ def test_a_store_that_cannot_be_used_is_one_line_before_ray_starts(store, tiny_m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: " + message.format(endpoint=store["env"]["AWS_ENDPOINT_URL"])), err
     assert not ray_starts
+
+
+def test_a_file_uri_is_an_input_as_its_path_is(tmp_path):
+    """file:// has folders from its root, no buckets: the bucket check passes it by (it once read the empty
+    name before the first slash as a bucket, and refused every file:// input)."""
+    from pipeline.read import expand_inputs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n")
+    assert expand_inputs([f"file://{path}"]) == [f"file://{path}"]
