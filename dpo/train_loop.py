@@ -113,7 +113,8 @@ def train_loop_per_worker(config: dict) -> Optional[str]:
             return _nonfinite_error(w, step, result.bad_pair_ids)
         w.state.step = step
         do_eval = c.eval_pairs is not None and (step == c.total_steps or (t.eval_every and step % t.eval_every == 0))
-        if step % t.log_every == 0 or step == c.total_steps or do_eval:
+        # Step 1 always: policy == reference there, so its loss is the run's first check (ln 2 for sigmoid).
+        if step == 1 or step % t.log_every == 0 or step == c.total_steps or do_eval:
             last = _step_record(w, result)
             if do_eval:
                 last.update(evaluate(w))

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dpo import fingerprint as fpr
+from dpo.checkpoint import read_metrics
 from dpo.config import load_config
 from dpo.storage import read_parquet_files
 from pipeline.hf_scorer import HFScorer
@@ -168,13 +169,20 @@ def test_quickstart_line_scores_every_pair_once_as_hf_does(quickstart_vllm):
         assert _worst_against_hf(rows, model) <= 1e-4, split
     assert (work / "runs" / "quickstart-vllm" / "train" / "policy" / "config.json").exists()
     assert "eval/rewards/accuracies" in terminal
+    # Trained from vLLM's scores: at step 1 (always logged) policy == reference (model.reference: null, the
+    # policy's initial weights), so every margin is 0 and the sigmoid loss is -log σ(0) = ln 2 = 0.693147.
+    first = read_metrics(str(work / "runs" / "quickstart-vllm" / "train" / "metrics.jsonl"))[0]
+    assert first["step"] == 1
+    assert abs(first["loss"] - math.log(2)) <= 1e-4
+    assert abs(first["rewards/margins"]) <= 1e-4
 
 
 # The quickstart's lines on the terminal, counted in a clean run of its 3 epochs: the log file's name, the model
 # build, 2 per scoring stage (its rows and shards, a progress report 30 s on), 2 summary tables of 14 lines, the
 # training's first line and 19 progress lines (186 steps, train.log_every=10), its table of 17 and the
-# pipeline's of 6: 77 (76 with transformers scoring, whose eval stage ended within 30 s). The README's vLLM line
-# trains one epoch (62 steps), 13 progress lines fewer. Before the log file took the rest, the
+# pipeline's of 6: 77 (76 with transformers scoring, whose eval stage ended within 30 s), and since step 1 is
+# always logged, one progress line more. The README's vLLM line trains one epoch (62 steps), 13 progress lines
+# fewer. Before the log file took the rest, the
 # transformers run printed 329 (Ray Data's progress every 10 s, Ray Train's reports, its placement group
 # monitor's warnings, the resolved config).
 TERMINAL_LINES = 90
@@ -189,23 +197,6 @@ def test_the_quickstart_line_prints_what_a_user_reads_and_files_the_rest(quickst
     text = logs[0].read_text()
     assert "resolved config" in text and "Reporting training result" in text, "what the terminal leaves out"
     assert "RayDeprecationWarning: `ray_remote_args_fn`" not in text, "our own use of a deprecated Ray API"
-
-
-def test_training_from_vllm_scores_starts_at_ln2(quickstart_vllm, ray_session, tmp_path):
-    """Policy = reference at step 1: every margin is 0, so the sigmoid loss is -log σ(0) = ln 2 = 0.693147."""
-    from dpo.checkpoint import read_metrics
-    from dpo.launch import train
-    from pipeline.prepare import find_datasets
-
-    work, _ = quickstart_vllm
-    shutil.copytree(work / "runs" / "quickstart-vllm" / "reference", tmp_path / "run" / "reference")
-    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
-        f"model.policy={work / 'runs' / 'quickstart' / 'model'}", f"run.output_dir={tmp_path / 'run'}",
-        f"data.train_files=[{EXAMPLES / 'train.jsonl'}]", "data.eval_files=[]", "reference.backend=vllm",
-        "train.num_workers=1", "train.max_steps=1", "train.log_every=1", "train.save_policy=false"])
-    first = read_metrics(train(cfg, *find_datasets(cfg))["metrics_path"])[0]
-    assert abs(first["loss"] - math.log(2)) <= 1e-4
-    assert abs(first["rewards/margins"]) <= 1e-4
 
 
 def _quickstart_config(work: Path, path: Path, **overrides) -> str:
