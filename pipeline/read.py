@@ -65,7 +65,7 @@ def expand_inputs(paths: list[str], key: str = "data.train_files") -> list[str]:
             check_uri(path, key)
             fs, p = resolve(path)
             scheme = path.split("://", 1)[0]
-            if any(ch in p for ch in "*?["):
+            if _is_glob(p):
                 out += _uri_matches(fs, scheme, p, path, key)
                 continue
             info = fs.get_file_info(p)
@@ -77,7 +77,7 @@ def expand_inputs(paths: list[str], key: str = "data.train_files") -> list[str]:
             else:
                 out.append(path)
             continue
-        if any(ch in path for ch in "*?["):
+        if _is_glob(path):
             matches = sorted(glob.glob(path))
             if not matches:
                 raise UserError(f"{key}: the pattern {path} matches no file; check the path")
@@ -99,10 +99,14 @@ def expand_inputs(paths: list[str], key: str = "data.train_files") -> list[str]:
     return [p if is_uri(p) else os.path.abspath(p) for p in out]
 
 
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
 def _uri_matches(fs, scheme: str, pattern: str, uri: str, key: str) -> list[str]:
     """The files of an object store matching a glob, sorted: the folder before the first wildcard, listed."""
     parts = pattern.split("/")
-    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    fixed = next(i for i, part in enumerate(parts) if _is_glob(part))
     base = "/".join(parts[:fixed])
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     found = sorted(f"{scheme}://{i.path}" for i in infos
