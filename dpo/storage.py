@@ -156,7 +156,13 @@ def _store_refusal(scheme: str, message: str, where: str) -> str:
     if "NETWORK_CONNECTION" in message or "Could not connect" in message or "Couldn't resolve" in message:
         fix = ("nothing answers" + (where or " at the store's endpoint") + "; check AWS_ENDPOINT_URL and that the "
                "store is up" if scheme == "s3" else "the store does not answer; check its address and network")
-    else:  # credentials refused among them: the store's own words say which
+    elif any(word in message for word in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId",
+                                          "SignatureDoesNotMatch", "HTTP status 403")):
+        # S3 answers a HEAD with a bare 403 for an unknown key, a wrong secret and a key without the right alike.
+        fix = ("the store refused this job's credentials" + where + "; check AWS_ACCESS_KEY_ID and "
+               "AWS_SECRET_ACCESS_KEY (or the profile they come from) and that they may use the bucket"
+               if scheme == "s3" else "the store refused this job's credentials; check them and their rights")
+    else:
         fix = "the store answered with an error" + where
     return f"{fix} ({first})"
 

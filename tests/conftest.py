@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -138,11 +139,12 @@ def independent_logp():
     return logp
 
 
-@pytest.fixture(scope="module")
-def s3_server():
+@contextlib.contextmanager
+def moto_s3(**server_env):
     """A real S3 API on loopback, moto's server in a process of its own (in this one, its Flask would break
     vLLM's kernel registration, which walks every loaded module), and the standard AWS variables pointing at it
-    while the module runs: the project finds it only through them, as it would find MinIO or S3."""
+    until the block ends: the project finds it only through them, as it would find MinIO or S3. `server_env`:
+    moto's own settings (INITIAL_NO_AUTH_ACTION_COUNT turns its credential checks on)."""
     import socket
     import time
 
@@ -150,7 +152,7 @@ def s3_server():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env={**os.environ, **server_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
         assert server.poll() is None and time.time() < deadline, "moto's server did not start"
@@ -169,3 +171,9 @@ def s3_server():
                 os.environ[name] = value
         server.kill()
         server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    with moto_s3() as endpoint:
+        yield endpoint
