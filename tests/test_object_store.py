@@ -86,12 +86,12 @@ def _metrics(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-# 60 train pairs, 8 a step (4 on each of 2 workers): 4 steps, a checkpoint every 2. A worker of the store's run
-# dies before step 4 (debug.fail_at_step), after step 3, whose checkpoint a cut write left without COMPLETE.
-TRAIN = ["train.num_workers=2", "train.batch_size=4", "train.cpus_per_worker=1", "train.max_steps=4",
-         "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=2", "train.learning_rate=2e-3",
-         "train.loss_type=sigmoid", "train.beta=0.1"]
+# 60 train pairs, 8 a step (4 on each of 2 workers): 6 steps, a checkpoint every 2, the newest 2 kept.
+TRAIN = ["train.num_workers=2", "train.batch_size=4", "train.cpus_per_worker=1", "train.max_steps=6",
+         "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.log_every=1", "train.eval_every=3",
+         "train.learning_rate=2e-3", "train.loss_type=sigmoid", "train.beta=0.1"]
 RUN = "run"  # the store's run.output_dir: s3://BUCKET/run
+CHECKPOINT_FILES = [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "scheduler.pt", "state.json"]
 
 
 def test_inputs_on_the_store_are_read_as_the_same_files_on_disk(store, tiny_model, tmp_path, ray_session):
@@ -99,30 +99,35 @@ def test_inputs_on_the_store_are_read_as_the_same_files_on_disk(store, tiny_mode
     with the same ids and token ids, as the same files read from local disk; only the file names differ.
 
     Its run.output_dir is in the bucket too, and everything lands there: the reference datasets (shards,
-    manifest, rejects.jsonl), the checkpoints (DCP's shards from both ranks, COMPLETE), metrics.jsonl,
-    report.png and policy/. A worker killed before step 4 is restarted from the bucket's newest complete
-    checkpoint (step 2), not from the cut step-3 folder beside it. The result is the uninterrupted run on local
-    disk's: the same scores, every step's metrics within 1e-6, the same exported files, byte for byte."""
+    manifest, rejects.jsonl), the checkpoints (DCP's files from both ranks, COMPLETE; the oldest pruned),
+    metrics.jsonl, report.png and policy/. A worker killed before step 6, after step 5 was logged, is restarted
+    from the bucket's newest complete checkpoint (step 4), not from the step-6 folder that a try killed while
+    writing it left without COMPLETE; step 5's line is logged once. The result is the uninterrupted run's on
+    local disk: the same scores to the bit, every step's metrics within 1e-6, the same exported files and
+    checkpoints, byte for byte. The local run goes on while the store's job runs: the two share nothing."""
     import boto3
 
     common = [f"model.policy={tiny_model}", "data.max_length=64", "data.max_prompt_length=48", *TRAIN]
-    s3 = boto3.client("s3")
-    # What a worker killed in the midst of writing step 3's checkpoint leaves: a shard, no .metadata, no COMPLETE.
-    cut = f"{RUN}/train/checkpoints/step-00000003"
-    s3.put_object(Bucket=BUCKET, Key=f"{cut}/__0_0.distcp", Body=b"cut off")
+    # What a try of a larger world killed while writing step 6 would leave: a shard, no .metadata, no COMPLETE.
+    # Planted before the run starts: no start, fresh or restarted, may take it, and the final step 6 replaces it.
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=f"{RUN}/train/checkpoints/step-00000006/__2_0.distcp",
+                                  Body=b"cut off")
     config = _config_file(tmp_path / "s3.yaml", [*common, f"data.train_files=[s3://{BUCKET}/data/*.jsonl*]",
                                                   f"data.eval_files=[s3://{BUCKET}/data/eval.parquet]",
-                                                  f"run.output_dir=s3://{BUCKET}/{RUN}", "debug.fail_at_step=4",
+                                                  f"run.output_dir=s3://{BUCKET}/{RUN}", "debug.fail_at_step=6",
                                                   "train.max_failures=1"])
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.pipeline", "--config", config],
-        cwd=ROOT, env=store["env"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    local = store["local"] / "data"
-    cfg = load_config(None, [*common, f"data.train_files=[{local / 'a.jsonl'},{local / 'b.jsonl.gz'}]",
-                             f"data.eval_files=[{local / 'eval.parquet'}]", f"run.output_dir={tmp_path / 'local'}"])
-    precompute_splits(cfg, ["train", "eval"])
-    train(cfg, *find_datasets(cfg))
+    job = subprocess.Popen([sys.executable, "-m", "jobs.pipeline", "--config", config], cwd=ROOT, env=store["env"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        local = store["local"] / "data"
+        cfg = load_config(None, [*common, f"data.train_files=[{local / 'a.jsonl'},{local / 'b.jsonl.gz'}]",
+                                 f"data.eval_files=[{local / 'eval.parquet'}]", f"run.output_dir={tmp_path / 'local'}"])
+        precompute_splits(cfg, ["train", "eval"])
+        train(cfg, *find_datasets(cfg))
+        output, _ = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-3000:]
     out = tmp_path / "from-s3"
     _download(RUN, out)
 
@@ -133,20 +138,21 @@ def test_inputs_on_the_store_are_read_as_the_same_files_on_disk(store, tiny_mode
             assert a["file"].startswith(f"s3://{BUCKET}/data/") and Path(a["file"]).name == Path(b["file"]).name
             # The reference scores among them, to the bit.
             assert {k: v for k, v in a.items() if k != "file"} == {k: v for k, v in b.items() if k != "file"}
-        folder = dataset_folder(cfg, kind, split).removeprefix(str(tmp_path / "local") + "/")
-        assert (out / folder / "rejects.jsonl").exists()
+        folder = out / Path(dataset_folder(cfg, kind, split)).name
+        assert {"_manifest.json", "rejects.jsonl"} <= {p.name for p in folder.iterdir()}
 
     train_dir, local_train = out / "train", tmp_path / "local" / "train"
     attempts = [json.loads(line) for line in (train_dir / "attempts.jsonl").read_text().splitlines()]
-    assert [(a["resumed_after_step"], a["workers"]) for a in attempts] == [(0, 2), (2, 2)]
-    checkpoints = train_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000003", "step-00000004"]
-    assert sorted(p.name for p in (checkpoints / "step-00000003").iterdir()) == ["__0_0.distcp"]
-    for step in ("step-00000002", "step-00000004"):
-        assert sorted(p.name for p in (checkpoints / step).iterdir()) == [
-            ".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "scheduler.pt", "state.json"]
+    assert [(a["resumed_after_step"], a["workers"]) for a in attempts] == [(0, 2), (4, 2)]
+    for checkpoints in (train_dir / "checkpoints", local_train / "checkpoints"):
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000006"]
+    for step in ("step-00000004", "step-00000006"):
+        folder = train_dir / "checkpoints" / step
+        assert sorted(p.name for p in folder.iterdir()) == CHECKPOINT_FILES
+        for name in set(CHECKPOINT_FILES) - {".metadata"}:  # it names the folder written and a random save id
+            assert (folder / name).read_bytes() == (local_train / "checkpoints" / step / name).read_bytes(), name
     got, want = _metrics(train_dir), _metrics(local_train)
-    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4]
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(got, want):
         assert set(a) == set(b)
         for key in set(a) - {"tokens_per_second"}:
