@@ -1,5 +1,6 @@
-"""Promise: input files on an object store are read as local ones are, and a store that cannot be used is
-one line naming the key, before Ray starts.
+"""Promise: input files on an object store are read as local ones are, a run whose outputs go to the store
+equals the same run on local disk (through a worker's death), and a store that cannot be used is one line
+naming the key, before Ray starts.
 
 The store is a real S3 API on loopback: moto's server (conftest.s3_server), found by the job only through
 the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION),
@@ -62,8 +63,8 @@ def _config_file(path: Path, overrides: list[str]) -> str:
     return str(path)
 
 
-def _dataset_rows(out: Path, kind: str, split: str) -> list[dict]:
-    folder = dataset_folder(load_config(None, [f"run.output_dir={out}"]), kind, split)
+def _reference_rows(out: Path, split: str) -> list[dict]:
+    folder = dataset_folder(load_config(None, [f"run.output_dir={out}"]), "reference", split)
     table = read_parquet_files(folder, fpr.read_manifest(folder)["files"])
     return sorted((r for r in table.to_pylist()), key=lambda r: r["pair_id"])
 
@@ -131,14 +132,14 @@ def test_inputs_on_the_store_are_read_as_the_same_files_on_disk(store, tiny_mode
     out = tmp_path / "from-s3"
     _download(RUN, out)
 
-    for kind, split, count in (("reference", "train", 60), ("reference", "eval", 20)):
-        got, want = _dataset_rows(out, kind, split), _dataset_rows(tmp_path / "local", kind, split)
+    for split, count in (("train", 60), ("eval", 20)):
+        got, want = _reference_rows(out, split), _reference_rows(tmp_path / "local", split)
         assert len(got) == len(want) == count
         for a, b in zip(got, want):
             assert a["file"].startswith(f"s3://{BUCKET}/data/") and Path(a["file"]).name == Path(b["file"]).name
             # The reference scores among them, to the bit.
             assert {k: v for k, v in a.items() if k != "file"} == {k: v for k, v in b.items() if k != "file"}
-        folder = out / Path(dataset_folder(cfg, kind, split)).name
+        folder = out / Path(dataset_folder(cfg, "reference", split)).name
         assert {"_manifest.json", "rejects.jsonl"} <= {p.name for p in folder.iterdir()}
 
     train_dir, local_train = out / "train", tmp_path / "local" / "train"
