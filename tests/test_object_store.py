@@ -1,5 +1,6 @@
-"""Promise: input files on an object store are read as local ones are, and a store that cannot be used is
-one line naming the key, before Ray starts.
+"""Promise: input files on an object store are read as local ones are, a run whose outputs go to the store
+equals the same run on local disk (through a worker's death), and a store that cannot be used is one line
+naming the key, before Ray starts.
 
 The store is a real S3 API on loopback: moto's server (conftest.s3_server), found by the job only through
 the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION),
@@ -21,7 +22,9 @@ import pytest
 from dpo import fingerprint as fpr
 from dpo.config import load_config
 from dpo.storage import read_parquet_files
-from pipeline.prepare import dataset_folder, prepare_splits
+from dpo.launch import train
+from pipeline.precompute import precompute_splits
+from pipeline.prepare import dataset_folder, find_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
@@ -60,34 +63,106 @@ def _config_file(path: Path, overrides: list[str]) -> str:
     return str(path)
 
 
-def _prepared_rows(out: Path, split: str) -> list[dict]:
-    folder = dataset_folder(load_config(None, [f"run.output_dir={out}"]), "prepared", split)
+def _reference_rows(out: Path, split: str) -> list[dict]:
+    folder = dataset_folder(load_config(None, [f"run.output_dir={out}"]), "reference", split)
     table = read_parquet_files(folder, fpr.read_manifest(folder)["files"])
     return sorted((r for r in table.to_pylist()), key=lambda r: r["pair_id"])
 
 
+def _download(prefix: str, dest: Path) -> None:
+    """Every object under s3://BUCKET/prefix/ into `dest`, read with boto3: no code of the project's."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):  # a folder's marker object, as pyarrow makes them
+                continue
+            path = dest / item["Key"][len(prefix) + 1:]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(BUCKET, item["Key"], str(path))
+
+
+def _metrics(train_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# 60 train pairs, 8 a step (4 on each of 2 workers): 6 steps, a checkpoint every 2, the newest 2 kept.
+TRAIN = ["train.num_workers=2", "train.batch_size=4", "train.cpus_per_worker=1", "train.max_steps=6",
+         "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.log_every=1", "train.eval_every=3",
+         "train.learning_rate=2e-3", "train.loss_type=sigmoid", "train.beta=0.1"]
+RUN = "run"  # the store's run.output_dir: s3://BUCKET/run
+CHECKPOINT_FILES = [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "scheduler.pt", "state.json"]
+
+
 def test_inputs_on_the_store_are_read_as_the_same_files_on_disk(store, tiny_model, tmp_path, ray_session):
-    """jobs.prepare on s3:// inputs (a glob over .jsonl and .jsonl.gz, a Parquet file) keeps the same pairs,
-    with the same ids and token ids, as the same files read from local disk; only the file names differ."""
-    common = [f"model.policy={tiny_model}", "data.max_length=64", "data.max_prompt_length=48"]
-    out = tmp_path / "from-s3"
+    """jobs.pipeline on s3:// inputs (a glob over .jsonl and .jsonl.gz, a Parquet file) keeps the same pairs,
+    with the same ids and token ids, as the same files read from local disk; only the file names differ.
+
+    Its run.output_dir is in the bucket too, and everything lands there: the reference datasets (shards,
+    manifest, rejects.jsonl), the checkpoints (DCP's files from both ranks, COMPLETE; the oldest pruned),
+    metrics.jsonl, report.png and policy/. A worker killed before step 6, after step 5 was logged, is restarted
+    from the bucket's newest complete checkpoint (step 4), not from the step-6 folder that a try killed while
+    writing it left without COMPLETE; step 5's line is logged once. The result is the uninterrupted run's on
+    local disk: the same scores to the bit, every step's metrics within 1e-6, the same exported files and
+    checkpoints, byte for byte. The local run goes on while the store's job runs: the two share nothing."""
+    import boto3
+
+    common = [f"model.policy={tiny_model}", "data.max_length=64", "data.max_prompt_length=48", *TRAIN]
+    # What a try of a larger world killed while writing step 6 would leave: a shard, no .metadata, no COMPLETE.
+    # Planted before the run starts: no start, fresh or restarted, may take it, and the final step 6 replaces it.
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=f"{RUN}/train/checkpoints/step-00000006/__2_0.distcp",
+                                  Body=b"cut off")
     config = _config_file(tmp_path / "s3.yaml", [*common, f"data.train_files=[s3://{BUCKET}/data/*.jsonl*]",
                                                   f"data.eval_files=[s3://{BUCKET}/data/eval.parquet]",
-                                                  f"run.output_dir={out}"])
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.prepare", "--config", config],
-        cwd=ROOT, env=store["env"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    local = store["local"] / "data"
-    cfg = load_config(None, [*common, f"data.train_files=[{local / 'a.jsonl'},{local / 'b.jsonl.gz'}]",
-                             f"data.eval_files=[{local / 'eval.parquet'}]", f"run.output_dir={tmp_path / 'local'}"])
-    prepare_splits(cfg, ["train", "eval"])
+                                                  f"run.output_dir=s3://{BUCKET}/{RUN}", "debug.fail_at_step=6",
+                                                  "train.max_failures=1"])
+    job = subprocess.Popen([sys.executable, "-m", "jobs.pipeline", "--config", config], cwd=ROOT, env=store["env"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        local = store["local"] / "data"
+        cfg = load_config(None, [*common, f"data.train_files=[{local / 'a.jsonl'},{local / 'b.jsonl.gz'}]",
+                                 f"data.eval_files=[{local / 'eval.parquet'}]", f"run.output_dir={tmp_path / 'local'}"])
+        precompute_splits(cfg, ["train", "eval"])
+        train(cfg, *find_datasets(cfg))
+        output, _ = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-3000:]
+    out = tmp_path / "from-s3"
+    _download(RUN, out)
+
     for split, count in (("train", 60), ("eval", 20)):
-        got, want = _prepared_rows(out, split), _prepared_rows(tmp_path / "local", split)
+        got, want = _reference_rows(out, split), _reference_rows(tmp_path / "local", split)
         assert len(got) == len(want) == count
         for a, b in zip(got, want):
             assert a["file"].startswith(f"s3://{BUCKET}/data/") and Path(a["file"]).name == Path(b["file"]).name
+            # The reference scores among them, to the bit.
             assert {k: v for k, v in a.items() if k != "file"} == {k: v for k, v in b.items() if k != "file"}
+        folder = out / Path(dataset_folder(cfg, "reference", split)).name
+        assert {"_manifest.json", "rejects.jsonl"} <= {p.name for p in folder.iterdir()}
+
+    train_dir, local_train = out / "train", tmp_path / "local" / "train"
+    attempts = [json.loads(line) for line in (train_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["resumed_after_step"], a["workers"]) for a in attempts] == [(0, 2), (4, 2)]
+    for checkpoints in (train_dir / "checkpoints", local_train / "checkpoints"):
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000006"]
+    for step in ("step-00000004", "step-00000006"):
+        folder = train_dir / "checkpoints" / step
+        assert sorted(p.name for p in folder.iterdir()) == CHECKPOINT_FILES
+        for name in set(CHECKPOINT_FILES) - {".metadata"}:  # it names the folder written and a random save id
+            assert (folder / name).read_bytes() == (local_train / "checkpoints" / step / name).read_bytes(), name
+    got, want = _metrics(train_dir), _metrics(local_train)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(got, want):
+        assert set(a) == set(b)
+        for key in set(a) - {"tokens_per_second"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["step"], key)
+    assert (train_dir / "report.png").read_bytes().startswith(b"\x89PNG")
+    policy = sorted(p.name for p in (train_dir / "policy").iterdir())
+    assert "model.safetensors" in policy and policy == sorted(p.name for p in (local_train / "policy").iterdir())
+    for name in policy:
+        assert (train_dir / "policy" / name).read_bytes() == (local_train / "policy" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("override, message", [
