@@ -95,7 +95,7 @@ RUN = "run"  # the store's run.output_dir: s3://BUCKET/run
 CHECKPOINT_FILES = [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "scheduler.pt", "state.json"]
 
 
-def test_inputs_on_the_store_are_read_as_the_same_files_on_disk(store, tiny_model, tmp_path, ray_session):
+def test_a_pipeline_job_on_the_store_equals_the_same_job_on_disk(store, tiny_model, tmp_path, ray_session):
     """jobs.pipeline on s3:// inputs (a glob over .jsonl and .jsonl.gz, a Parquet file) keeps the same pairs,
     with the same ids and token ids, as the same files read from local disk; only the file names differ.
 
