@@ -2,6 +2,11 @@
 gives exactly one row per kept pair, with the same scores as a clean run, and the rerun scores only
 the shards the killed run had not finished.
 
+Its run.output_dir is an object store's bucket (moto's S3 server on loopback, conftest.s3_server), the harder
+case: no rename, markers and the manifest are objects, and a listing is what the resume reads. The clean run
+writes to local disk, so the two also agree across the two kinds of storage. The resume on local disk is
+tests/test_precompute.py::test_rerun_after_interruption_scores_only_unfinished_shards's.
+
 With the hf backend only: what this proves (shard markers, the manifest written last, the resume that
 skips committed shards: pipeline.stage and pipeline.manifest) does not depend on the backend, and each
 run of it with vLLM's engine cost two engine starts (188 s on 2 cores). vLLM's engine dies and is
@@ -19,6 +24,7 @@ import pytest
 import yaml
 
 from dpo import fingerprint as fpr
+from dpo import storage
 from dpo.config import load_config
 from dpo.storage import read_parquet_files
 from pipeline import manifest as mf
@@ -42,9 +48,16 @@ def write_config(path: Path, out: Path, model: str, backend: str) -> Path:
     return path
 
 
-def reference_rows(out: Path) -> list[dict]:
-    folder = str(out / "reference")
+BUCKET = "raydpo-driver-kill"
+
+
+def reference_rows(out: str) -> list[dict]:
+    folder = storage.join(out, "reference")
     return read_parquet_files(folder, fpr.read_manifest(folder)["files"]).to_pylist()
+
+
+def committed_shards(out: str) -> set[str]:
+    return {Path(name).stem for name in storage.list_files(storage.join(out, "reference", mf.SHARDS), ".json")}
 
 
 def run_job(config: Path, log: Path) -> subprocess.Popen:
@@ -58,25 +71,27 @@ def run_job(config: Path, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_driver_killed_mid_run_then_rerun(tmp_path, tiny_model, ray_session):
-    out = tmp_path / "run"
+def test_driver_killed_mid_run_then_rerun(tmp_path, tiny_model, ray_session, s3_server):
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    out = f"s3://{BUCKET}/run"
     config = write_config(tmp_path / "c.yaml", out, tiny_model, "hf")
-    markers = out / "reference" / mf.SHARDS
 
     job = run_job(config, tmp_path / "first.log")
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(markers.glob("*.json"))) < 3 and job.poll() is None:
+    while time.time() < deadline and len(committed_shards(out)) < 3 and job.poll() is None:
         time.sleep(0.05)
     assert job.poll() is None, "the first run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
     os.kill(job.pid, signal.SIGKILL)
     job.wait()
-    done_before = {p.stem for p in markers.glob("*.json")}
+    done_before = committed_shards(out)
     assert 3 <= len(done_before) < SHARDS
-    assert not (out / "reference" / fpr.MANIFEST).exists(), "a killed run must not look complete"
+    assert not storage.exists(storage.join(out, "reference", fpr.MANIFEST)), "a killed run must not look complete"
 
     rerun = run_job(config, tmp_path / "second.log")
     assert rerun.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    manifest = fpr.read_manifest(str(out / "reference"))
+    manifest = fpr.read_manifest(storage.join(out, "reference"))
     assert manifest["resumed_shards"] == len(done_before)
     assert manifest["written_shards"] == SHARDS - len(done_before)
 
@@ -87,6 +102,8 @@ def test_driver_killed_mid_run_then_rerun(tmp_path, tiny_model, ray_session):
     # hf scores a sequence the same to the bit in any batch (eager attention).
     clean_cfg = load_config(str(config), [f"run.output_dir={tmp_path / 'clean'}"])
     precompute(clean_cfg)
-    clean = {r["pair_id"]: (r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in reference_rows(tmp_path / "clean")}
+    clean = {r["pair_id"]: (r["ref_chosen_logp"], r["ref_rejected_logp"])
+             for r in reference_rows(str(tmp_path / "clean"))}
     assert all((r["ref_chosen_logp"], r["ref_rejected_logp"]) == clean[r["pair_id"]] for r in rows)
-    assert json.loads((out / "reference" / "_progress.json").read_text())["fingerprint"] == manifest["fingerprint"]
+    progress = json.loads(storage.read_text(storage.join(out, "reference", "_progress.json")))
+    assert progress["fingerprint"] == manifest["fingerprint"]
