@@ -84,7 +84,8 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
     refuse_unless_training_fits(cfg)
     if train.pairs < t.global_batch:
         made_of = ("train.global_batch_size; lower it" if t.global_batch_size else
-                   "train.batch_size x train.num_workers x train.grad_accum, train.global_batch_size being unset; "
+                   f"train.batch_size x {'the largest of ' if t.elastic else ''}train.num_workers x train.grad_accum, "
+                   "train.global_batch_size being unset; "
                    "lower one of them, or set train.global_batch_size")
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {t.global_batch} "
                         f"({made_of})")
@@ -94,14 +95,15 @@ def refuse_unless_training_fits(cfg: Config) -> None:
     """The worker group's CPUs and GPUs, counted against what this job can use, and its placement: Ray Train
     would retry the group's start without end. Checked again by jobs.pipeline before its first stage."""
     t = cfg.train
-    refuse_unless_fits(t.num_workers * t.cpus_per_worker,
-                       f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
-                       f"{t.cpus_per_worker:g})", lower="train.num_workers or train.cpus_per_worker")
+    # An elastic group starts with what it gets, from its smallest on.
+    workers = f"train.num_workers={t.num_workers}" + (f"'s smallest group of {t.min_workers}," if t.elastic else "")
+    refuse_unless_fits(t.min_workers * t.cpus_per_worker,
+                       f"the training workers ({workers} x train.cpus_per_worker={t.cpus_per_worker:g})",
+                       lower="train.num_workers or train.cpus_per_worker")
     if t.use_gpu:
-        refuse_unless_fits(t.num_workers * t.gpus_per_worker,
-                           f"the training workers (train.num_workers={t.num_workers} x train.gpus_per_worker="
-                           f"{t.gpus_per_worker:g}, train.use_gpu)", resource="GPU",
-                           lower="train.num_workers or train.gpus_per_worker")
+        refuse_unless_fits(t.min_workers * t.gpus_per_worker,
+                           f"the training workers ({workers} x train.gpus_per_worker={t.gpus_per_worker:g}, "
+                           "train.use_gpu)", resource="GPU", lower="train.num_workers or train.gpus_per_worker")
     _check_strict_spread(t)
 
 
@@ -310,8 +312,9 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
             # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
             train_loop_config={"config": cfg.model_dump(mode="json"), "train_pairs": train_pairs,
                                "eval_pairs": eval_pairs},
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                         resources_per_worker=worker_bundle(cfg),
+            scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
+                                         elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
+                                         use_gpu=t.use_gpu, resources_per_worker=worker_bundle(cfg),
                                          placement_strategy=t.placement_strategy),
             run_config=RunConfig(
                 name="ray",
