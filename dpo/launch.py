@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -115,6 +116,10 @@ def worker_bundle(cfg: Config) -> dict:
 
 # How long Ray Train waits for a worker group's workers before it gives that start up (60 s by default).
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# How long one start of an elastic group waits for its placement. Right after a node is lost Ray Train may still
+# count that node's CPUs (the cluster marks a node dead seconds later) and ask for a group that can no longer be
+# placed; when the wait ends it counts again and starts the group the nodes now hold.
+ELASTIC_START_ATTEMPT_S = 15.0
 
 
 @contextlib.contextmanager
@@ -122,17 +127,19 @@ def _start_bounded_by_stall_timeout(cfg: Config) -> Iterator[int]:
     """Ray Train retries a worker group's start without end while the cluster cannot place it (no GPU, CPUs
     another job holds): each start attempt times out and counts as a controller failure, of which it allows
     any number. Here one attempt lasts run.stall_timeout_s and none is retried, so such a run fails after that
-    long; the caller names what it waited for. Yields the controller_failure_limit for the FailureConfig.
-    A group that starts and later fails is restarted under train.max_failures, as before. Ray Train reads
-    the variable from the driver's environment when fit() starts; a value the user set is kept."""
+    long; the caller names what it waited for. An elastic group's attempts last ELASTIC_START_ATTEMPT_S each,
+    and as many are allowed over the run as make run.stall_timeout_s. Yields the controller_failure_limit for
+    the FailureConfig. A group that starts and later fails is restarted under train.max_failures, as before.
+    Ray Train reads the variable from the driver's environment when fit() starts; a value the user set is kept."""
     timeout = cfg.run.stall_timeout_s
-    if timeout is None:
+    attempt = min(timeout or math.inf, ELASTIC_START_ATTEMPT_S) if cfg.train.elastic else timeout
+    if attempt is None:
         yield -1
         return
     previous = os.environ.get(START_TIMEOUT)
-    os.environ.setdefault(START_TIMEOUT, f"{timeout:g}")
+    os.environ.setdefault(START_TIMEOUT, f"{attempt:g}")
     try:
-        yield 0
+        yield -1 if timeout is None else math.ceil(timeout / attempt) - 1
     finally:
         if previous is None:
             os.environ.pop(START_TIMEOUT, None)
@@ -144,8 +151,10 @@ def _group_start_failure(cfg: Config, error: BaseException) -> Optional[UserErro
     if type(failure).__name__ != "WorkerGroupStartupTimeoutError":
         return None
     t, bundle = cfg.train, worker_bundle(cfg)
+    attempt = float(os.environ.get(START_TIMEOUT, 0))
+    within = f"in {cfg.run.stall_timeout_s:g} s of {attempt:g}-s tries" if t.elastic else f"within {attempt:g} s"
     return UserError(f"run.stall_timeout_s: training's worker group ({t.num_workers} x {bundle_text(bundle)}) did not "
-                     f"start within {float(os.environ.get(START_TIMEOUT, 0)):g} s (free: {free_text(bundle)}); free "
+                     f"start {within} (free: {free_text(bundle)}); free "
                      "or add resources, "
                      "ask for fewer (train.num_workers, train.cpus_per_worker, train.gpus_per_worker or "
                      "train.use_gpu), or raise run.stall_timeout_s (null: wait forever)")
