@@ -242,10 +242,11 @@ class TrainConfig(_LossKeys):
                              "at its first lost node: Ray Train counts the restart of the smaller group as a failure; "
                              "set train.max_failures above 0, or a fixed train.num_workers")
         if self.placement_strategy.startswith("STRICT_"):
-            raise ValueError(f"train.placement_strategy={self.placement_strategy} with train.num_workers={self.num_workers}: Ray Train "
-                             "sizes an elastic group by what all its nodes hold together, so a group may come that a "
-                             "strict placement can never place; use PACK or SPREAD (a train.cpus_per_worker or "
-                             "gpus_per_worker of a whole node's puts one worker on each)")
+            raise ValueError(f"train.placement_strategy={self.placement_strategy} with train.num_workers="
+                             f"{self.num_workers}: Ray Train sizes an elastic group by what all its nodes hold "
+                             "together, so a group may come that a strict placement can never place; use PACK or "
+                             "SPREAD (a train.cpus_per_worker or gpus_per_worker of a whole node's puts one worker "
+                             "on each)")
         return self
 
     @model_validator(mode="after")
