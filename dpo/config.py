@@ -154,7 +154,7 @@ _LossKeys = create_model("_LossKeys", __base__=_Section,
 class TrainConfig(_LossKeys):
     # A number of workers, or [min, max]: an elastic group (Ray Train's), which starts with what the cluster
     # holds, restarts smaller from the last checkpoint when a node is lost and larger when room returns.
-    num_workers: Union[int, list[int]] = Field(2, json_schema_extra=RESUMABLE)  # [min, max]: two numbers
+    num_workers: Union[int, list[int]] = Field(2, json_schema_extra=RESUMABLE)
     # How often an elastic group smaller than its max looks for room to grow (Ray Train's
     # elastic_resize_monitor_interval_s); each grow is a restart from the last checkpoint.
     elastic_resize_interval_s: float = Field(60.0, gt=0, json_schema_extra=RESUMABLE)
