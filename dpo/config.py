@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from dpo.errors import UserError
 from dpo.loss_options import BETA, LABEL_SMOOTHING, LOSS_OPTION_NAMES, LossArgumentError, LossOptions
@@ -151,7 +152,12 @@ _LossKeys = create_model("_LossKeys", __base__=_Section,
 
 
 class TrainConfig(_LossKeys):
-    num_workers: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
+    # A number of workers, or [min, max]: an elastic group (Ray Train's), which starts with what the cluster
+    # holds, restarts smaller from the last checkpoint when a node is lost and larger when room returns.
+    num_workers: Union[int, list[int]] = Field(2, json_schema_extra=RESUMABLE)
+    # How often an elastic group smaller than its max looks for room to grow (Ray Train's
+    # elastic_resize_monitor_interval_s); each grow is a restart from the last checkpoint.
+    elastic_resize_interval_s: float = Field(60.0, gt=0, json_schema_extra=RESUMABLE)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0, json_schema_extra=RESUMABLE)
     gpus_per_worker: float = Field(1, ge=0)
@@ -212,6 +218,37 @@ class TrainConfig(_LossKeys):
     tracker_project: Optional[str] = Field(None, json_schema_extra=RESUMABLE)
     save_policy: bool = Field(True, json_schema_extra=RESUMABLE)
 
+    @field_validator("num_workers", mode="plain")
+    @classmethod
+    def _workers(cls, value):
+        # By hand: pydantic's union would report a mistake once for each form, under keys of its own.
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(type(v) is int for v in value) or not 1 <= value[0] <= value[1]:
+                raise ValueError(f"train.num_workers={list(value)} is not an elastic range [min, max] of whole "
+                                 "numbers with 1 <= min <= max; write e.g. [1, 4], or one number for a fixed group")
+            return list(value)
+        if type(value) is not int:
+            raise PydanticCustomError("int_type", "Input should be a valid integer, or a list [min, max] of them")
+        if value < 1:
+            raise PydanticKnownError("greater_than_equal", {"ge": 1})
+        return value
+
+    @model_validator(mode="after")
+    def _elastic(self) -> "TrainConfig":
+        if not self.elastic:
+            return self
+        if self.max_failures == 0:
+            raise ValueError(f"train.max_failures=0 ends an elastic run (train.num_workers={self.num_workers}) "
+                             "at its first lost node: Ray Train counts the restart of the smaller group as a failure; "
+                             "set train.max_failures above 0, or a fixed train.num_workers")
+        if self.placement_strategy.startswith("STRICT_"):
+            raise ValueError(f"train.placement_strategy={self.placement_strategy} with train.num_workers="
+                             f"{self.num_workers}: Ray Train sizes an elastic group by what all its nodes hold "
+                             "together, so a group may come that a strict placement can never place; use PACK or "
+                             "SPREAD (a train.cpus_per_worker or gpus_per_worker of a whole node's puts one worker "
+                             "on each)")
+        return self
+
     @model_validator(mode="after")
     def _losses(self) -> "TrainConfig":
         from dpo.losses import check_loss_config
@@ -245,19 +282,36 @@ class TrainConfig(_LossKeys):
                              f"{self.grad_accum} both set the micro-batches of a step (with train.global_batch_size "
                              "they follow from it and the number of workers); set one of them, train.grad_accum "
                              "to 1")
+        # dpo.batching.rank_micro_batches deals micro-batch m to rank m % world: at any world size up to the
+        # largest, every rank is dealt one of its own (besides stand-ins) exactly when there are that many.
         micro_batches = -(-self.global_batch_size // self.batch_size)
-        if micro_batches < self.num_workers:
+        if micro_batches < self.max_workers:
+            most = (f"the {self.max_workers} workers of train.num_workers={self.num_workers} at its largest"
+                    if self.elastic else f"train.num_workers={self.num_workers}")
             raise ValueError(f"train.global_batch_size={self.global_batch_size} makes {micro_batches} micro-batch"
                              f"{'es' if micro_batches > 1 else ''} of up to train.batch_size={self.batch_size} pairs "
-                             f"a step, fewer than train.num_workers={self.num_workers}, so a worker would train on "
+                             f"a step, fewer than {most}, so a worker would train on "
                              "nothing; raise train.global_batch_size, or lower train.batch_size or "
                              "train.num_workers")
         return self
 
     @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
     def global_batch(self) -> int:  # of the keys GLOBAL_BATCH_KEYS
-        """Pairs per optimizer step: the one place that says how many."""
-        return self.global_batch_size or self.batch_size * self.num_workers * self.grad_accum
+        """Pairs per optimizer step: the one place that says how many. An elastic group's default is its largest
+        group's step, which every smaller group takes in more micro-batches a worker."""
+        return self.global_batch_size or self.batch_size * self.max_workers * self.grad_accum
 
     @property
     def loss_options(self) -> dict:

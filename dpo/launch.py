@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
     refuse_unless_training_fits(cfg)
     if train.pairs < t.global_batch:
         made_of = ("train.global_batch_size; lower it" if t.global_batch_size else
-                   "train.batch_size x train.num_workers x train.grad_accum, train.global_batch_size being unset; "
+                   f"train.batch_size x {'the largest of ' if t.elastic else ''}train.num_workers x train.grad_accum, "
+                   "train.global_batch_size being unset; "
                    "lower one of them, or set train.global_batch_size")
         raise UserError(f"{train.folder} holds {train.pairs} pairs, fewer than one global batch of {t.global_batch} "
                         f"({made_of})")
@@ -94,14 +96,15 @@ def refuse_unless_training_fits(cfg: Config) -> None:
     """The worker group's CPUs and GPUs, counted against what this job can use, and its placement: Ray Train
     would retry the group's start without end. Checked again by jobs.pipeline before its first stage."""
     t = cfg.train
-    refuse_unless_fits(t.num_workers * t.cpus_per_worker,
-                       f"the training workers (train.num_workers={t.num_workers} x train.cpus_per_worker="
-                       f"{t.cpus_per_worker:g})", lower="train.num_workers or train.cpus_per_worker")
+    # An elastic group starts with what it gets, from its smallest on.
+    workers = f"train.num_workers={t.num_workers}" + (f"'s smallest group of {t.min_workers}," if t.elastic else "")
+    refuse_unless_fits(t.min_workers * t.cpus_per_worker,
+                       f"the training workers ({workers} x train.cpus_per_worker={t.cpus_per_worker:g})",
+                       lower="train.num_workers or train.cpus_per_worker")
     if t.use_gpu:
-        refuse_unless_fits(t.num_workers * t.gpus_per_worker,
-                           f"the training workers (train.num_workers={t.num_workers} x train.gpus_per_worker="
-                           f"{t.gpus_per_worker:g}, train.use_gpu)", resource="GPU",
-                           lower="train.num_workers or train.gpus_per_worker")
+        refuse_unless_fits(t.min_workers * t.gpus_per_worker,
+                           f"the training workers ({workers} x train.gpus_per_worker={t.gpus_per_worker:g}, "
+                           "train.use_gpu)", resource="GPU", lower="train.num_workers or train.gpus_per_worker")
     _check_strict_spread(t)
 
 
@@ -113,6 +116,10 @@ def worker_bundle(cfg: Config) -> dict:
 
 # How long Ray Train waits for a worker group's workers before it gives that start up (60 s by default).
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# How long one start of an elastic group waits for its placement. Right after a node is lost Ray Train may still
+# count that node's CPUs (the cluster marks a node dead seconds later) and ask for a group that can no longer be
+# placed; when the wait ends it counts again and starts the group the nodes now hold.
+ELASTIC_START_ATTEMPT_S = 15.0
 
 
 @contextlib.contextmanager
@@ -120,17 +127,19 @@ def _start_bounded_by_stall_timeout(cfg: Config) -> Iterator[int]:
     """Ray Train retries a worker group's start without end while the cluster cannot place it (no GPU, CPUs
     another job holds): each start attempt times out and counts as a controller failure, of which it allows
     any number. Here one attempt lasts run.stall_timeout_s and none is retried, so such a run fails after that
-    long; the caller names what it waited for. Yields the controller_failure_limit for the FailureConfig.
-    A group that starts and later fails is restarted under train.max_failures, as before. Ray Train reads
-    the variable from the driver's environment when fit() starts; a value the user set is kept."""
+    long; the caller names what it waited for. An elastic group's attempts last ELASTIC_START_ATTEMPT_S each,
+    and as many are allowed over the run as make run.stall_timeout_s. Yields the controller_failure_limit for
+    the FailureConfig. A group that starts and later fails is restarted under train.max_failures, as before.
+    Ray Train reads the variable from the driver's environment when fit() starts; a value the user set is kept."""
     timeout = cfg.run.stall_timeout_s
-    if timeout is None:
+    attempt = min(timeout or math.inf, ELASTIC_START_ATTEMPT_S) if cfg.train.elastic else timeout
+    if attempt is None:
         yield -1
         return
     previous = os.environ.get(START_TIMEOUT)
-    os.environ.setdefault(START_TIMEOUT, f"{timeout:g}")
+    os.environ.setdefault(START_TIMEOUT, f"{attempt:g}")
     try:
-        yield 0
+        yield -1 if timeout is None else math.ceil(timeout / attempt) - 1
     finally:
         if previous is None:
             os.environ.pop(START_TIMEOUT, None)
@@ -142,8 +151,10 @@ def _group_start_failure(cfg: Config, error: BaseException) -> Optional[UserErro
     if type(failure).__name__ != "WorkerGroupStartupTimeoutError":
         return None
     t, bundle = cfg.train, worker_bundle(cfg)
+    attempt = float(os.environ.get(START_TIMEOUT, 0))
+    within = f"in {cfg.run.stall_timeout_s:g} s of {attempt:g}-s tries" if t.elastic else f"within {attempt:g} s"
     return UserError(f"run.stall_timeout_s: training's worker group ({t.num_workers} x {bundle_text(bundle)}) did not "
-                     f"start within {float(os.environ.get(START_TIMEOUT, 0)):g} s (free: {free_text(bundle)}); free "
+                     f"start {within} (free: {free_text(bundle)}); free "
                      "or add resources, "
                      "ask for fewer (train.num_workers, train.cpus_per_worker, train.gpus_per_worker or "
                      "train.use_gpu), or raise run.stall_timeout_s (null: wait forever)")
@@ -310,8 +321,9 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
             # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
             train_loop_config={"config": cfg.model_dump(mode="json"), "train_pairs": train_pairs,
                                "eval_pairs": eval_pairs},
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                         resources_per_worker=worker_bundle(cfg),
+            scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
+                                         elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
+                                         use_gpu=t.use_gpu, resources_per_worker=worker_bundle(cfg),
                                          placement_strategy=t.placement_strategy),
             run_config=RunConfig(
                 name="ray",

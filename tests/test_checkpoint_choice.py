@@ -152,6 +152,22 @@ def test_a_resume_on_another_number_of_workers_must_keep_the_global_batch(tmp_pa
                                         "train.batch_size=8"]), str(set_train_dir), TRAINED_ON)
 
 
+def test_an_elastic_run_resumes_by_its_largest_group_s_global_batch(tmp_path):
+    """A range's default global batch is its largest group's: a run of a fixed 2 workers x 8 pairs (16 a step)
+    resumes as [1, 2] (8 x 2 = 16); a saved [1, 2], read back from its config.yaml, refuses [1, 4] (8 x 4 = 32)."""
+    from dpo.config import load_config
+    from dpo.errors import UserError
+    from dpo.launch import _check_resumable
+
+    fixed = a_run_with_one_checkpoint(tmp_path / "fixed", "train.num_workers=2", "train.batch_size=8")
+    _check_resumable(load_config(None, [f"run.output_dir={tmp_path / 'fixed'}", "train.num_workers=[1,2]",
+                                        "train.batch_size=8"]), str(fixed), TRAINED_ON)
+    elastic = a_run_with_one_checkpoint(tmp_path / "elastic", "train.num_workers=[1,2]", "train.batch_size=8")
+    with pytest.raises(UserError, match=r"another train\.global_batch_size \(16 pairs a step, now 32\)"):
+        _check_resumable(load_config(None, [f"run.output_dir={tmp_path / 'elastic'}", "train.num_workers=[1,4]",
+                                            "train.batch_size=8"]), str(elastic), TRAINED_ON)
+
+
 @pytest.mark.parametrize("packing, prefix_sharing, attention, layout", [
     ("on", "auto", None, "packed"), ("auto", "on", None, "shared_prompt"), ("off", "off", None, "padded"),
     ("auto", "off", None, "padded"), ("auto", "off", "flash_attention_2", "auto")])

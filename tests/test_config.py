@@ -51,12 +51,59 @@ def test_overrides_are_yaml_scalars_and_lists():
     (["train.global_batch_size=9", "train.batch_size=8", "train.num_workers=3"],
      "train.global_batch_size=9 makes 2 micro-batches of up to train.batch_size=8 pairs a step, fewer than "
      "train.num_workers=3, so a worker would train on nothing"),
+    # An elastic group, train.num_workers: [min, max].
+    (["train.num_workers=[2,1]"], "train.num_workers=[2, 1] is not an elastic range [min, max] of whole numbers with "
+                                  "1 <= min <= max"),
+    (["train.num_workers=[0,2]"], "train.num_workers=[0, 2] is not an elastic range [min, max]"),
+    (["train.num_workers=[1,2,3]"], "train.num_workers=[1, 2, 3] is not an elastic range [min, max]"),
+    (["train.num_workers=two"], "config key 'train.num_workers': input should be a valid integer, or a list "
+                                "[min, max] of them (got 'two')"),
+    (["train.num_workers=[1,2]", "train.max_failures=0"],
+     "train.max_failures=0 ends an elastic run (train.num_workers=[1, 2]) at its first lost node"),
+    (["train.num_workers=[1,2]", "train.placement_strategy=STRICT_SPREAD"],
+     "train.placement_strategy=STRICT_SPREAD with train.num_workers=[1, 2]: Ray Train sizes an elastic group by "
+     "what all its nodes hold together"),
+    (["train.num_workers=[1,2]", "train.placement_strategy=STRICT_PACK"],
+     "train.placement_strategy=STRICT_PACK with train.num_workers=[1, 2]"),
+    # 8 pairs in micro-batches of up to 3 are 3 (3, 3, 2): a group of 4 would leave one worker only a stand-in.
+    (["train.num_workers=[2,4]", "train.global_batch_size=8", "train.batch_size=3"],
+     "train.global_batch_size=8 makes 3 micro-batches of up to train.batch_size=3 pairs a step, fewer than the 4 "
+     "workers of train.num_workers=[2, 4] at its largest, so a worker would train on nothing"),
 ])
 def test_mistakes_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_an_elastic_group_is_sized_by_its_range_and_every_size_gets_micro_batches():
+    from dpo.batching import rank_micro_batches
+
+    fixed = load_config(None, ["train.num_workers=3", "train.batch_size=4", "train.grad_accum=2"]).train
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers, fixed.global_batch) == (False, 3, 3, 24)
+    # Unset, the global batch is that of the largest group, 4 pairs x 3 workers x 2: the step it keeps at any size.
+    t = load_config(None, ["train.num_workers=[1,3]", "train.batch_size=4", "train.grad_accum=2"]).train
+    assert (t.elastic, t.min_workers, t.max_workers, t.global_batch) == (True, 1, 3, 24)
+    # 9 pairs in micro-batches of up to 4 are 3 (4, 4, 1): the least that gives each of 3 workers one.
+    t = load_config(None, ["train.num_workers=[1,3]", "train.batch_size=4", "train.global_batch_size=9"]).train
+    assert t.global_batch == 9
+    for world in range(t.min_workers, t.max_workers + 1):
+        shares = [rank_micro_batches(range(9), t.batch_size, rank, world) for rank in range(world)]
+        assert all(any(share.counted for share in rank_shares) for rank_shares in shares), world
+        assert sorted(len(share.rows) for rank_shares in shares for share in rank_shares if share.counted) == [1, 4, 4]
+
+
+def test_an_elastic_group_needs_the_cpus_of_its_smallest_size(ray_session):
+    from dpo.errors import UserError
+    from dpo.launch import refuse_unless_training_fits
+
+    # The suite's Ray has 2 CPUs: a group of 1 to 4 workers of 2 CPUs starts with 1 (4 would need 8).
+    refuse_unless_training_fits(load_config(None, ["train.num_workers=[1,4]", "train.cpus_per_worker=2"]))
+    with pytest.raises(UserError) as err:
+        refuse_unless_training_fits(load_config(None, ["train.num_workers=[2,4]", "train.cpus_per_worker=2"]))
+    assert str(err.value).startswith("the training workers (train.num_workers=[2, 4]'s smallest group of 2, x "
+                                     "train.cpus_per_worker=2) need 4 CPUs, but this job can use 2 of the cluster's 2")
 
 
 def test_missing_or_malformed_file(tmp_path):
