@@ -29,9 +29,9 @@ pytestmark = pytest.mark.slow
 
 # Two actors, up to two workers, 48 steps of the quickstart (16 pairs), a checkpoint every 4, on the first 400
 # train pairs (TRAIN_PAIRS), scored in 8 calls of 50 pairs. No held-out set: the one pool that scores the train
-# pairs would score it too (pipeline.stage), and it would add only time. 48 steps, not fewer: on idle cores a
-# step takes about 0.1 s, and the lost node's worker may finish a few steps before Ray sees its node gone (with
-# 12, the first group once ended the run before the kill told, and the smaller group had nothing left to do).
+# pairs would score it too (pipeline.stage), and it would add only time. 48 steps: on idle cores a step takes
+# about 0.1 s, and the steps after the kill must outlast the time the survivor takes to fail (with 12, and a
+# kill that missed the lost node's worker, test_cluster.end_node's old one, the first group ended the run).
 STEPS = 48
 TRAIN_PAIRS = 400
 JOB = ["--config", "configs/quickstart.yaml", "reference.num_actors=2",
