@@ -563,7 +563,7 @@ FSDP = [*TWO[:1], "train.batch_size=2", "train.grad_accum=2", "train.strategy=fs
 
 @pytest.fixture(scope="module")
 def fsdp(base, tmp_path_factory):
-    """Keeping its step-3 checkpoint for test_fsdp_stopped_at_step_4_resumes_on_one_worker_and_equals_two."""
+    """Keeping its step-3 checkpoint for test_fsdp_stopped_at_step_4_resumes_on_one_worker_then_two_and_equals_two."""
     return run(base, tmp_path_factory.mktemp("fsdp"), *FSDP, "train.keep_checkpoints=3")
 
 
@@ -640,18 +640,25 @@ def resume_from(uninterrupted, step: int, out: Path) -> None:
     shutil.copytree(source / "checkpoints" / name, out / "train" / "checkpoints" / name)
 
 
-def test_fsdp_stopped_at_step_4_resumes_on_one_worker_and_equals_two(base, tmp_path, fsdp):
+def test_fsdp_stopped_at_step_4_resumes_on_one_worker_then_two_and_equals_two(base, tmp_path, fsdp):
     """The fsdp run's step-3 checkpoint (each of 2 ranks wrote its half of every tensor), resumed on 1 fsdp
     worker with train.global_batch_size=8 (its 4 micro-batches of 2 pairs where each of 2 ranks ran 2): DCP
-    reshards the weights and AdamW's moments into the one rank, and every step's metrics and the exported
-    weights are the 2-rank run's within 1e-5. Not bit for bit: the one rank adds its 4 micro-batches' gradients
-    in another order than 2 ranks' 2 each, and the gradient norm sums its shards' squares in another order
-    (measured: grad_norm 1.1e-6 apart, the weights 1.2e-7)."""
-    out = tmp_path / "fsdp-two-then-one"
+    reshards the weights and AdamW's moments into the one rank. That job fails at step 7, after its step-6
+    checkpoint (the one rank wrote every tensor whole), and the same run on 2 fsdp workers again reshards it
+    into halves. Its record says 2, 1, then 2 workers, and every step's metrics and the exported weights are
+    the 2-rank run's within 1e-5. Not bit for bit: the one rank adds its 4 micro-batches' gradients in another
+    order than 2 ranks' 2 each, and the gradient norm sums its shards' squares in another order (measured on
+    the 2 -> 1 run: grad_norm 1.1e-6 apart, the weights 1.2e-7)."""
+    import ray.train
+
+    out = tmp_path / "fsdp-two-then-one-then-two"
     resume_from(fsdp, 3, out)
-    cfg, result, metrics = run(base, out, "train.num_workers=1", "train.batch_size=2", "train.global_batch_size=8",
+    with pytest.raises(ray.train.TrainingFailedError):
+        run(base, out, "train.num_workers=1", "train.batch_size=2", "train.global_batch_size=8",
+            "train.strategy=fsdp", "debug.fail_at_step=7")
+    cfg, result, metrics = run(base, out, *TWO[:1], "train.batch_size=2", "train.global_batch_size=8",
                                "train.strategy=fsdp")
-    assert attempts(cfg) == [(0, 2), (3, 1)]
+    assert attempts(cfg) == [(0, 2), (3, 1), (6, 2)]
     assert_same_run(metrics, result, fsdp, 1e-5)
 
 
