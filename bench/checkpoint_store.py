@@ -21,9 +21,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,29 +29,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from dpo import checkpoint as ckpt  # noqa: E402
 from dpo import storage  # noqa: E402
 from pipeline.models import PRESETS  # noqa: E402
+from conftest import moto_s3  # noqa: E402  the tests' S3 server on loopback, and the AWS variables set for it
 
 MIB = 2**20
-
-
-def start_store() -> subprocess.Popen:
-    """moto's server on a free loopback port, the AWS variables pointing at it, and a bucket named bench."""
-    import boto3
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-        time.sleep(0.2)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3").create_bucket(Bucket="bench")
-    return server
 
 
 def train_state(preset: str, seed: int) -> ckpt.TrainState:
@@ -117,8 +100,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    server = start_store()
-    try:
+    import boto3
+
+    with moto_s3():
+        boto3.client("s3").create_bucket(Bucket="bench")
         state = train_state(args.preset, seed=0)
         parameters = sum(p.numel() for p in state.model.parameters())
         times = {side: {"save": [], "load": []} for side in ("local", "store")}
@@ -141,9 +126,6 @@ def main() -> None:
                                                for op in ("save", "load")},
                           "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()},
                          indent=1))
-    finally:
-        server.kill()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

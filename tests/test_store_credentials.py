@@ -15,6 +15,7 @@ from conftest import moto_s3
 from dpo.config import load_config
 
 BUCKET = "raydpo-credentials"
+PAIR = json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n"
 ALLOW_ALL = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
 
 
@@ -31,8 +32,7 @@ def checked_store():
         os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
         s3 = boto3.client("s3", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
         s3.create_bucket(Bucket=BUCKET)
-        s3.put_object(Bucket=BUCKET, Key="data/a.jsonl",
-                      Body=json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}).encode() + b"\n")
+        s3.put_object(Bucket=BUCKET, Key="data/a.jsonl", Body=PAIR.encode())
         yield {"endpoint": endpoint, "key": key["AccessKeyId"]}
 
 
@@ -52,7 +52,7 @@ def test_credentials_the_store_refuses_are_one_line_before_ray_starts(checked_st
     elif credentials == "a wrong secret":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     inputs = f"s3://{BUCKET}/data/a.jsonl" if where == "data.train_files" else str(tmp_path / "a.jsonl")
-    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(PAIR)
     output = f"s3://{BUCKET}/run" if where == "run.output_dir" else str(tmp_path / "run")
     config = tmp_path / "c.yaml"
     config.write_text(load_config(None, [f"model.policy={tiny_model}", f"run.output_dir={output}",
