@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from dpo import storage
 from dpo.config import Config
 from dpo.lora import ADAPTER_DIR, save_merged
+from dpo.model_folders import model_dir
 
 # The most tensor bytes in one file: a few GiB keeps an object store's upload and a reader's mmap per file modest.
 FILE_BYTES = 4 * 2**30
@@ -161,7 +162,7 @@ def _save_merged_policy(model: torch.nn.Module, lm, cfg: Config, dest: str, *, r
 def save_tokenizer(cfg: Config, folder: str) -> None:
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(cfg.model.tokenizer_path,
+    AutoTokenizer.from_pretrained(model_dir(cfg.model.tokenizer_path, cfg.model.tokenizer_key),
                                   trust_remote_code=cfg.model.trust_remote_code).save_pretrained(folder)
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 from dpo.config import Config
 from dpo.errors import UserError
-from dpo.model_folders import check_model_folder, tokenizer_files
+from dpo.model_folders import model_dir, tokenizer_files
 from dpo.storage import exists, is_uri, join, read_text, resolve
 
 MANIFEST = "_manifest.json"
@@ -70,16 +70,18 @@ def _hash_files(folder: str, names: list[str]) -> str:
     return h.hexdigest()[:32]
 
 
-def weights_hash(model_dir: str, key: str = "model.reference") -> str:
-    check_model_folder(model_dir, key)
-    names = [n for n in os.listdir(model_dir) if n.endswith(WEIGHT_SUFFIXES)]
+def weights_hash(path: str, key: str = "model.reference") -> str:
+    """The weight files' hash, the same for a local folder and for its copy in an object store."""
+    folder = model_dir(path, key)
+    names = [n for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES)]
     if not names:
-        raise UserError(f"{key}: {model_dir} holds no weight files (*.safetensors)")
-    return _hash_files(model_dir, names)
+        raise UserError(f"{key}: {path} holds no weight files (*.safetensors)")
+    return _hash_files(folder, names)
 
 
-def tokenizer_hashes(tokenizer_dir: str, key: str = "model.tokenizer") -> tuple[str, str]:
+def tokenizer_hashes(path: str, key: str = "model.tokenizer") -> tuple[str, str]:
     """(tokenizer files hash, chat template hash)."""
+    tokenizer_dir = model_dir(path, key)
     names = tokenizer_files(tokenizer_dir, key)
     template = ""
     jinja = os.path.join(tokenizer_dir, "chat_template.jinja")

@@ -32,7 +32,7 @@ from dpo import fingerprint as fpr, schema, storage
 from dpo.checkpoint import complete_steps, newest, read_metrics
 from dpo.config import GLOBAL_BATCH_KEYS, Config, TrainConfig, layout_of_retired_switches, resume_safe
 from dpo.errors import UserError
-from dpo.model_folders import check_max_length, check_model_folder, read_model_config
+from dpo.model_folders import check_max_length, model_dir, read_model_config
 from dpo.job_cpus import bundle_text, free_text, refuse_unless_fits
 from dpo.lora import ADAPTER_DIR, check_lora_targets
 from dpo.losses import needs_reference
@@ -74,7 +74,7 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
     if needs_reference(t.loss_types) and not train.scored:
         raise UserError(f"{train.folder} holds no reference scores but train.loss_type {t.loss_type} needs "
                         "them; run jobs.precompute_reference (or jobs.pipeline) first")
-    check_model_folder(cfg.model.policy, "model.policy")
+    model_dir(cfg.model.policy, "model.policy")
     _check_policy_context(cfg)
     if t.layout == "shared_prompt" and (cfg.model.attn_implementation or "").startswith("flash"):
         raise UserError(f"train.layout=shared_prompt needs an attention that takes its mask, which "

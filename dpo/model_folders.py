@@ -1,8 +1,11 @@
 """Model folders: whether each one the config names is there, and whether data.max_length fits its positions.
 
-Models are read from local folders only (the design assumes no hub access), so
-a folder that is not there is refused here, naming the key that gave it,
-before transformers would take the name for a hub id and retry the hub.
+Models are read from local folders (the design assumes no hub access), so a
+folder that is not there is refused here, naming the key that gave it, before
+transformers would take the name for a hub id and retry the hub. A model named
+by an object-store URI (s3://bucket/models/x) is copied once into each node's
+cache (`model_dir`), and everything reads that copy: the fingerprint hashes the
+same bytes as for a local folder, and transformers and vLLM load local files.
 
 A RoPE model handed a sequence longer than it was built for does not fail: it
 extrapolates and returns log-probs that are quietly wrong. So the stages check
@@ -11,15 +14,24 @@ the length against the model's config before they start, and name the fix.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import shutil
 from typing import Optional
 
 from dpo.config import ModelConfig
 from dpo.errors import UserError
+from dpo.storage import check_uri, is_uri
+
+log = logging.getLogger("raydpo")
 
 # Where configs/quickstart.yaml puts the model that `--build-model quickstart` builds.
 QUICKSTART_MODEL = "runs/quickstart/model"
+# This node's copies of the models named by URI, one folder per URI and state of its objects.
+MODEL_CACHE_ENV = "RAYDPO_MODEL_CACHE"
 # A folder holding none of these holds no tokenizer. The chat template is fingerprinted on its own
 # field, so chat_template.jinja is not listed here.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
@@ -39,8 +51,67 @@ def check_model_folder(path: str, key: str) -> None:
                     "(models are read from local folders, never from the model hub)")
 
 
+def model_dir(path: str, key: str) -> str:
+    """The local folder holding what `key` names: `path` itself, or, for a URI, this node's copy of it."""
+    if is_uri(path):
+        return _node_copy(path.rstrip("/"), key)
+    check_model_folder(path, key)
+    return path
+
+
+def model_cache() -> str:
+    return os.path.expanduser(os.environ.get(MODEL_CACHE_ENV, "~/.cache/raydpo/models"))
+
+
+def _node_copy(uri: str, key: str) -> str:
+    """The folder `uri` downloaded into this node's cache, once.
+
+    The copy's name hashes the URI with every object's name, size and time, so an
+    object replaced in the store makes a new copy rather than serving the old one.
+    One process per node downloads (a file lock); the others wait and reuse it. The
+    copy is assembled beside its place and renamed into it, so a download cut off
+    midway is never taken for a model.
+    """
+    import pyarrow.fs as pafs
+
+    check_uri(uri, key)
+    fs, root = pafs.FileSystem.from_uri(uri)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise UserError(f"{key}: cannot list {uri} ({str(exc).splitlines()[0]})") from None
+    objects = sorted((info.path[len(root) + 1:], info.size, info.mtime_ns) for info in found
+                     if info.type == pafs.FileType.File)
+    if not objects:
+        raise UserError(f"{key}: {uri} holds no files; give the URI of a folder holding a Hugging Face model "
+                        "(config.json, *.safetensors, tokenizer files)")
+    state = hashlib.sha256(json.dumps([uri, objects]).encode()).hexdigest()[:20]
+    cache = model_cache()
+    copy = os.path.join(cache, f"{os.path.basename(root)}-{state}")
+    if os.path.isdir(copy):
+        return copy
+    os.makedirs(cache, exist_ok=True)
+    with open(f"{copy}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(copy):
+            return copy
+        part = f"{copy}.part"  # a crashed download's leftover: no one else holds the lock
+        shutil.rmtree(part, ignore_errors=True)
+        for name, size, _ in objects:
+            target = os.path.join(part, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with fs.open_input_stream(f"{root}/{name}", compression=None) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            if os.path.getsize(target) != size:
+                raise OSError(f"{uri}/{name}: {os.path.getsize(target)} bytes read of {size}")
+        os.rename(part, copy)
+    log.info("%s: %s copied into %s (%d files, %.1f MB)", key, uri, copy, len(objects),
+             sum(size for _, size, _ in objects) / 1e6)
+    return copy
+
+
 def tokenizer_files(path: str, key: str) -> list[str]:
-    """The tokenizer files in the folder `path`; a folder with none is refused, naming `key`."""
+    """The tokenizer files in the local folder `path`; a folder with none is refused, naming `key`."""
     check_model_folder(path, key)
     names = [n for n in os.listdir(path) if n in TOKENIZER_FILES]
     if not names:
@@ -51,18 +122,18 @@ def tokenizer_files(path: str, key: str) -> list[str]:
 
 def check_model_folders(model: ModelConfig, *, policy: bool, reference: bool) -> None:
     """Every model folder a job will read, checked before Ray starts so a wrong path fails in a moment."""
-    tokenizer_files(model.tokenizer_path, model.tokenizer_key)
+    tokenizer_files(model_dir(model.tokenizer_path, model.tokenizer_key), model.tokenizer_key)
     if policy:
-        check_model_folder(model.policy, "model.policy")
+        model_dir(model.policy, "model.policy")
     if reference:
-        check_model_folder(model.reference_path, model.reference_key)
+        model_dir(model.reference_path, model.reference_key)
 
 
 def read_model_config(path: str, key: str, trust_remote_code: bool = False):
     """The model's transformers config; a folder without a readable config.json is the user's mistake."""
     from transformers import AutoConfig
 
-    check_model_folder(path, key)
+    path = model_dir(path, key)
     if not trust_remote_code:
         _refuse_remote_code(path, key)
     try:

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from dpo.config import Config
 from dpo.errors import UserError
-from dpo.model_folders import read_model_config
+from dpo.model_folders import model_dir, read_model_config
 from dpo.forward import PolicyLogps
 from dpo.lora import add_adapters
 from dpo.runtime import load_lm
@@ -39,7 +39,7 @@ def load_policy(cfg: Config, device: torch.device, rank: int) -> PolicyLogps:
     kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                   attn_implementation=cfg.model.attn_implementation)
     if cfg.train.strategy == "ddp" or rank == 0:
-        lm = load_lm(cfg.model.policy, **kwargs)
+        lm = load_lm(model_dir(cfg.model.policy, "model.policy"), **kwargs)
         if cfg.train.strategy == "ddp":
             return _policy(lm, cfg).to(device)
     else:

@@ -147,6 +147,10 @@ def check_object_stores(cfg: Config) -> None:
             expand_inputs(uris, key)
     if storage.is_uri(cfg.run.output_dir):
         storage.check_uri(cfg.run.output_dir, "run.output_dir", fsspec_too=True)
+    for key, path in (("model.policy", cfg.model.policy), ("model.reference", cfg.model.reference),
+                      ("model.tokenizer", cfg.model.tokenizer)):
+        if path and storage.is_uri(path):
+            storage.check_uri(path, key)
 
 
 def user_error_in(exc: BaseException) -> Optional[UserError]:

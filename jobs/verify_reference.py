@@ -22,7 +22,7 @@ import sys
 from dpo import fingerprint as fpr
 from dpo import schema, storage
 from dpo.errors import UserError
-from dpo.model_folders import check_model_folders
+from dpo.model_folders import check_model_folders, model_dir
 from jobs.cli import job, log
 from jobs.logs import show
 from jobs.summary import table
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         rows = storage.read_parquet_files(folder, manifest["files"], columns=COLUMNS).take(picked).to_pylist()
         log.info("rescoring %d of %d pairs of %s with transformers (%s)", len(rows), len(ids), folder,
                  cfg.model.dtype)
-        scorer = HFScorer(cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=cfg.reference.batch_tokens,
+        scorer = HFScorer(model_dir(cfg.model.reference_path, cfg.model.reference_key), dtype=cfg.model.dtype, batch_tokens=cfg.reference.batch_tokens,
                           trust_remote_code=cfg.model.trust_remote_code,
                           attn_implementation=cfg.model.attn_implementation,
                           logits_chunk_size=cfg.model.logits_chunk_size)

@@ -21,6 +21,7 @@ import pyarrow as pa
 from dpo import schema
 from dpo.config import Config
 from dpo.errors import UserError
+from dpo.model_folders import model_dir
 from pipeline.hf_scorer import HFScorer
 from pipeline.placement import GroupHostedScorer
 from pipeline.vllm_scorer import VLLMScorer, require_vllm, vllm_scorer_args
@@ -77,7 +78,7 @@ class ReferenceScorer:
                 self.scorer = VLLMScorer(*args)
         else:
             self.scorer = HFScorer(
-                cfg.model.reference_path, dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,
+                model_dir(cfg.model.reference_path, cfg.model.reference_key), dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
                 logits_chunk_size=cfg.model.logits_chunk_size,
                 device="cuda" if ref.gpus_per_actor > 0 else "cpu")

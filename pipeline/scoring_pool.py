@@ -11,7 +11,7 @@ from dpo import storage
 from dpo.config import Config
 from dpo.errors import UserError
 from dpo.job_cpus import refuse_unless_fits
-from dpo.model_folders import check_max_length, read_model_config
+from dpo.model_folders import check_max_length, model_dir, read_model_config
 from pipeline.placement import release_placement_groups
 from pipeline.scoring import FAIL_MARKER, tensor_parallel
 from pipeline.vllm_scorer import check_cpu_kv_cache, require_vllm
@@ -23,8 +23,8 @@ def check_reference_model(cfg: Config) -> None:
     Reads the config and the safetensors headers only: loading the weights here
     would cost the driver a model's worth of memory.
     """
-    path = cfg.model.reference_path
     key = cfg.model.reference_key
+    path = model_dir(cfg.model.reference_path, key)
     hf_config = read_model_config(path, key, cfg.model.trust_remote_code)
     weights = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
     if not weights:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from dpo import schema
 from dpo.config import DataConfig
 from dpo.errors import UserError
-from dpo.model_folders import tokenizer_files
+from dpo.model_folders import model_dir, tokenizer_files
 from pipeline.formats import RowError, normalise
 
 # Bump when the ids produced for the same text and tokenizer change, or which rows are kept; it is part
@@ -37,9 +37,10 @@ TOKENIZED_SCHEMA = pa.schema(list(schema.PREPARED) + [
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model.tokenizer"):
-    """The tokenizer in the local folder `path`; `key` is the config key that gave it, for messages."""
+    """The tokenizer in the folder or URI `path`; `key` is the config key that gave it, for messages."""
     from transformers import AutoTokenizer
 
+    path = model_dir(path, key)
     tokenizer_files(path, key)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

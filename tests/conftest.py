@@ -173,6 +173,17 @@ def moto_s3(**server_env):
         server.wait(timeout=60)
 
 
+def upload_folder(folder: str, bucket: str, prefix: str) -> str:
+    """Every file under `folder` to s3://bucket/prefix/, with boto3 (no code of the project's); the URI."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     with moto_s3() as endpoint:

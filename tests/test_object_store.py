@@ -105,19 +105,28 @@ def test_a_pipeline_job_on_the_store_equals_the_same_job_on_disk(store, tiny_mod
     from the bucket's newest complete checkpoint (step 4), not from the step-6 folder that a try killed while
     writing it left without COMPLETE; step 5's line is logged once. The result is the uninterrupted run's on
     local disk: the same scores to the bit, every step's metrics within 1e-6, the same exported files and
-    checkpoints, byte for byte. The local run goes on while the store's job runs: the two share nothing."""
+    checkpoints, byte for byte. The local run goes on while the store's job runs: the two share nothing.
+
+The store's job reads model.policy from the bucket too: one copy in the node's cache serves every process of
+the job, and the datasets' fingerprints are the local run's."""
     import boto3
 
+    from conftest import upload_folder
+
     common = [f"model.policy={tiny_model}", "data.max_length=64", "data.max_prompt_length=48", *TRAIN]
+    model_uri = upload_folder(tiny_model, BUCKET, "models/tiny")
+    node_cache = tmp_path / "node-cache"
     # What a try of a larger world killed while writing step 6 would leave: a shard, no .metadata, no COMPLETE.
     # Planted before the run starts: no start, fresh or restarted, may take it, and the final step 6 replaces it.
     boto3.client("s3").put_object(Bucket=BUCKET, Key=f"{RUN}/train/checkpoints/step-00000006/__2_0.distcp",
                                   Body=b"cut off")
-    config = _config_file(tmp_path / "s3.yaml", [*common, f"data.train_files=[s3://{BUCKET}/data/*.jsonl*]",
+    config = _config_file(tmp_path / "s3.yaml", [*common, f"model.policy={model_uri}",
+                                                  f"data.train_files=[s3://{BUCKET}/data/*.jsonl*]",
                                                   f"data.eval_files=[s3://{BUCKET}/data/eval.parquet]",
                                                   f"run.output_dir=s3://{BUCKET}/{RUN}", "debug.fail_at_step=6",
                                                   "train.max_failures=1"])
-    job = subprocess.Popen([sys.executable, "-m", "jobs.pipeline", "--config", config], cwd=ROOT, env=store["env"],
+    job = subprocess.Popen([sys.executable, "-m", "jobs.pipeline", "--config", config], cwd=ROOT,
+                           env={**store["env"], "RAYDPO_MODEL_CACHE": str(node_cache)},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         local = store["local"] / "data"
@@ -141,6 +150,14 @@ def test_a_pipeline_job_on_the_store_equals_the_same_job_on_disk(store, tiny_mod
             assert {k: v for k, v in a.items() if k != "file"} == {k: v for k, v in b.items() if k != "file"}
         folder = out / Path(dataset_folder(cfg, "reference", split)).name
         assert {"_manifest.json", "rejects.jsonl"} <= {p.name for p in folder.iterdir()}
+        # The model read from the bucket hashes as its local folder: the weights, the tokenizer, the template.
+        local_fingerprint = fpr.read_manifest(dataset_folder(cfg, "reference", split))["fingerprint"]
+        assert fpr.read_manifest(str(folder))["fingerprint"] == local_fingerprint
+        assert local_fingerprint["reference_model"] and local_fingerprint["tokenizer"]
+    # The driver, the tokenizing tasks, the scoring actor and both workers share the node's one copy.
+    copies = [p for p in node_cache.iterdir() if p.is_dir()]
+    assert len(copies) == 1 and copies[0].name.startswith("tiny-") and _files(copies[0]) == _files(tiny_model)
+    assert output.count(f"{model_uri} copied into {copies[0]}") == 1, output[-3000:]
 
     train_dir, local_train = out / "train", tmp_path / "local" / "train"
     attempts = [json.loads(line) for line in (train_dir / "attempts.jsonl").read_text().splitlines()]
@@ -209,3 +226,64 @@ def test_a_file_uri_is_an_input_as_its_path_is(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n")
     assert expand_inputs([f"file://{path}"]) == [f"file://{path}"]
+
+
+def _files(folder) -> dict[str, bytes]:
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_model_in_the_bucket_is_copied_once_per_node_and_hashed_as_its_folder(store, tiny_model, tmp_path,
+                                                                                monkeypatch, capsys):
+    """model.policy=s3://.../models/unit: the first reader on a node copies the folder into the node's cache
+    (RAYDPO_MODEL_CACHE), byte for byte; the next ones get the same folder without a byte read again. The
+    fingerprint's hashes are the local folder's, so a dataset scored from either is the same dataset.
+
+    An object replaced in the bucket changes its size or time, so the next reader gets a new copy holding the
+    new bytes, never the stale one. A download cut off midway (a `.part` folder left by a killed process) is
+    neither served nor kept. A prefix holding nothing is one line naming the key."""
+    import boto3
+
+    from dpo.errors import UserError
+    from dpo.model_folders import model_dir, read_model_config
+    from pipeline.tokenize import load_tokenizer
+    from conftest import upload_folder
+
+    cache = tmp_path / "node-cache"
+    monkeypatch.setenv("RAYDPO_MODEL_CACHE", str(cache))
+    uri = upload_folder(tiny_model, BUCKET, "models/unit")
+
+    copy = model_dir(uri, "model.policy")
+    assert Path(copy).parent == cache and Path(copy).name.startswith("unit-")
+    assert _files(copy) == _files(tiny_model)
+    assert fpr.weights_hash(uri, "model.policy") == fpr.weights_hash(tiny_model, "model.policy")
+    assert fpr.tokenizer_hashes(uri, "model.policy") == fpr.tokenizer_hashes(tiny_model, "model.policy")
+    # Every reader goes through the one copy: transformers' config and tokenizer included.
+    from_bucket, from_folder = (read_model_config(path, "model.policy").to_dict() for path in (uri, tiny_model))
+    assert from_bucket.pop("_name_or_path") == copy
+    assert from_bucket == {k: v for k, v in from_folder.items() if k != "_name_or_path"}
+    assert load_tokenizer(uri, key="model.policy")("a b c").input_ids == \
+        load_tokenizer(tiny_model, key="model.policy")("a b c").input_ids
+    first = {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)}
+    assert model_dir(uri, "model.policy") == copy
+    assert {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)} == first
+    assert sorted(p.name for p in cache.iterdir()) == [Path(copy).name, Path(copy).name + ".lock"]
+
+    # A killed download's leftover, beside a copy that is not there.
+    os.rename(copy, copy + ".part")
+    (Path(copy + ".part") / "model.safetensors").write_bytes(b"cut off")
+    (Path(copy + ".part") / "model-00002-of-00002.safetensors").write_bytes(b"a file the bucket does not hold")
+    assert model_dir(uri, "model.policy") == copy and _files(copy) == _files(tiny_model)
+    assert not Path(copy + ".part").exists()
+
+    config = json.loads((Path(tiny_model) / "config.json").read_text())
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="models/unit/config.json",
+                                  Body=json.dumps({**config, "rms_norm_eps": 1e-3}).encode())
+    renewed = model_dir(uri, "model.policy")
+    assert renewed != copy and json.loads((Path(renewed) / "config.json").read_text())["rms_norm_eps"] == 1e-3
+    assert _files(copy) == _files(tiny_model)  # the old copy is left to the readers that hold it
+
+    with pytest.raises(UserError) as empty:
+        model_dir(f"s3://{BUCKET}/models/none", "model.reference")
+    assert str(empty.value) == (f"model.reference: s3://{BUCKET}/models/none holds no files; give the URI of a "
+                                "folder holding a Hugging Face model (config.json, *.safetensors, tokenizer files)")

@@ -69,17 +69,32 @@ def exported_model(quickstart_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(exported_model):
+def engine(exported_model, s3_server, tmp_path_factory):
     """One vLLM engine in this process, as a scoring actor builds it, for sequences of up to 255 tokens, on
-    the quickstart model as dpo.export writes it.
+    the quickstart model as dpo.export writes it, read from a bucket (model.policy=s3://...): the engine loads
+    this node's copy of it, which holds the exported files byte for byte.
 
     255 is the most the quickstart model's 256 positions allow (vLLM keeps one for the token it generates).
     """
-    from pipeline.vllm_scorer import VLLMScorer, vllm_scorer_args
+    import boto3
 
-    cfg = load_config(None, [f"model.policy={exported_model}", "data.max_length=255", "data.max_prompt_length=128",
-                             "reference.batch_tokens=4096"])
-    scorer = VLLMScorer(*vllm_scorer_args(cfg, BUILD))
+    from pipeline.vllm_scorer import VLLMScorer, vllm_scorer_args
+    from conftest import upload_folder
+
+    boto3.client("s3").create_bucket(Bucket="raydpo-vllm")
+    cfg = load_config(None, [f"model.policy={upload_folder(exported_model, 'raydpo-vllm', 'exported')}",
+                             "data.max_length=255", "data.max_prompt_length=128", "reference.batch_tokens=4096"])
+    cache = tmp_path_factory.mktemp("node-cache")
+    before = os.environ.get("RAYDPO_MODEL_CACHE")
+    os.environ["RAYDPO_MODEL_CACHE"] = str(cache)
+    try:
+        scorer = VLLMScorer(*vllm_scorer_args(cfg, BUILD))
+    finally:
+        os.environ.pop("RAYDPO_MODEL_CACHE") if before is None else os.environ.update(RAYDPO_MODEL_CACHE=before)
+    loaded = Path(scorer.llm.model_config.model)
+    assert loaded.parent == cache and loaded.name.startswith("exported-")
+    assert {p.name: p.read_bytes() for p in loaded.iterdir()} == \
+        {p.name: p.read_bytes() for p in Path(exported_model).iterdir()}
     yield cfg, scorer
     scorer.close()
 
