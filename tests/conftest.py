@@ -184,6 +184,20 @@ def upload_folder(folder: str, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+def download_prefix(bucket: str, prefix: str, dest: Path) -> None:
+    """Every object under s3://bucket/prefix/ into `dest`, read with boto3: no code of the project's."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):  # a folder's marker object, as pyarrow makes them
+                continue
+            path = dest / item["Key"][len(prefix) + 1:]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, item["Key"], str(path))
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     with moto_s3() as endpoint:

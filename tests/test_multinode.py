@@ -1,10 +1,14 @@
-"""Promise: the pipeline job runs across Ray nodes. Scoring actors and training workers spread over two
-nodes, outputs go to a path both share, an elastic worker group (train.num_workers: [1, 2]) goes on with one
-worker when a node is lost with its worker, and the result equals the same job on one node.
+"""Promise: the pipeline job runs across Ray nodes that share no directory, only a bucket. Scoring actors and
+training workers spread over two nodes; the model, the pairs and every output live in the bucket alone (each
+node copies the model into a cache of its own); an elastic worker group (train.num_workers: [1, 2]) goes on
+with one worker when a node is lost with its worker; and the result equals the same job on one node from
+local folders.
 
 The two nodes are this machine: `ray start --head --block` and `ray start --address=... --block` on
-127.0.0.1, each with 2 CPUs, free ports and its own raylet and object store, run as child processes and
-ended by the module's finalizer (never `ray stop`, which would stop every Ray on the machine). Where each
+127.0.0.1, each with 2 CPUs, free ports, its own raylet, object store and home folder (where the model's cache
+goes), run as child processes and ended by the module's finalizer (never `ray stop`, which would stop every Ray
+on the machine). The bucket is moto's S3 server (conftest.s3_server), which every process finds through the
+AWS variables of the nodes' environment. Where each
 actor ran comes from Ray's own state API (`ray.util.state.list_actors`), not from our logs.
 """
 
@@ -21,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import copy_model
+from conftest import copy_model, download_prefix, upload_folder
 from dpo.checkpoint import complete_steps, read_metrics
 from test_cluster import BIN, ROOT, end_node, free_port, wait_for
 
@@ -52,8 +56,11 @@ class TwoNodes:
 
     def __init__(self, home: Path, temp: Path):
         self.home = home
-        # Without a token: the suite's own ray.init() turns token auth on in this process's environment.
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
+        for node in ("head", "second"):
+            (home / node).mkdir()
+        # Without a token: the suite's own ray.init() turns token auth on in this process's environment. The
+        # head's environment is the driver's too.
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home / "head"),
                     "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             self.env.pop(name, None)
@@ -73,7 +80,8 @@ class TwoNodes:
                              "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--node-manager-port={free_port()}",
                              f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                              f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-                             f"--runtime-env-agent-port={free_port()}"], self.env, log)
+                             f"--runtime-env-agent-port={free_port()}"], {**self.env, "HOME": str(self.home / "second")},
+                            log)
         from ray.util.state import list_nodes
 
         deadline = time.time() + 120
@@ -94,7 +102,7 @@ class TwoNodes:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def two_nodes(tmp_path_factory, s3_server):
     cluster = TwoNodes(tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ray"))
     try:
         cluster.start_second()
@@ -110,10 +118,9 @@ def _train_pairs(folder: Path) -> Path:
     return path
 
 
-def _job(env: dict, out: Path, model: Path, *extra: str) -> subprocess.Popen:
+def _job(env: dict, out: str, model: str, log: Path, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "jobs.pipeline", *JOB, f"model.policy={model}", f"run.output_dir={out}", *extra]
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(out.parent / "job.log", "w"),
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
 
 
 def _wait(proc: subprocess.Popen, done, what: str, timeout: float = 600) -> None:
@@ -172,24 +179,36 @@ def _scores(out: Path) -> list[tuple]:
 def test_the_pipeline_spreads_over_two_nodes_goes_on_without_a_lost_node_and_equals_one_node(
         two_nodes, tmp_path, quickstart_model, ray_session):
     """Two nodes: 2 scoring actors (1 CPU each) and an elastic group of 1 to 2 training workers (a node's 2 CPUs
-    each); the scoring pool and the first group span both nodes. Once the step-4 checkpoint is complete the
-    second node is killed, its worker with it: the group goes on with 1 worker from that checkpoint and the run
-    ends. The same job on one node with a fixed group of 2 is the yardstick: the reference scores equal exactly
-    (the same model and pairs, eager attention, whichever actor scored them), and every step's metrics and the
-    exported weights within 1e-5, each step once in metrics.jsonl."""
-    out = tmp_path / "run"
+    each); the scoring pool and the first group span both nodes. The job is given no path at all: model.policy,
+    data.train_files and run.output_dir are in the bucket, and each node reads the model from a copy in its own
+    home folder. Once the step-4 checkpoint is complete the second node is killed, its worker with it: the group
+    goes on with 1 worker from that checkpoint and the run ends. The same job on one node from local folders,
+    with a fixed group of 2, is the yardstick: the reference scores equal exactly (the same model and pairs,
+    eager attention, whichever actor scored them), and every step's metrics and the exported weights within
+    1e-5, each step once in metrics.jsonl."""
+    import boto3
+
     model = copy_model(quickstart_model, tmp_path / "model")
     train_pairs = _train_pairs(tmp_path)
-    checkpoints = str(out / "train" / "checkpoints")
-    proc = _job({**two_nodes.env, "RAY_ADDRESS": two_nodes.gcs}, out, model, f"data.train_files=[{train_pairs}]",
-                *ELASTIC)
+    bucket = "raydpo-nodes"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    boto3.client("s3").upload_file(str(train_pairs), bucket, "data/train.jsonl")
+    model_uri = upload_folder(model, bucket, "models/quickstart")
+    proc = _job({**two_nodes.env, "RAY_ADDRESS": two_nodes.gcs}, f"s3://{bucket}/run", model_uri,
+                tmp_path / "job.log", f"data.train_files=[s3://{bucket}/data/train.jsonl]", *ELASTIC)
     try:
-        _wait(proc, lambda: 4 in complete_steps(checkpoints), "the step-4 checkpoint")
+        _wait(proc, lambda: 4 in complete_steps(f"s3://{bucket}/run/train/checkpoints"), "the step-4 checkpoint")
         killed = two_nodes.kill_second()
         proc.wait(timeout=900)
     finally:
         proc.kill()
     assert proc.returncode == 0, (tmp_path / "job.log").read_text()[-4000:]
+    out = tmp_path / "run"
+    download_prefix(bucket, "run", out)
+    # Each node read the model from its own copy (~/.cache/raydpo/models), as a machine of its own would.
+    for node in ("head", "second"):
+        copies = [p.name for p in (two_nodes.home / node / ".cache" / "raydpo" / "models").iterdir() if p.is_dir()]
+        assert len(copies) == 1 and copies[0].startswith("quickstart-"), (node, copies)
     attempts = _attempts(out)
     # From the newest checkpoint when Ray saw the node gone: step 4's, or a later one that the lost node's
     # worker helped to finish first; never the last, so the group of 1 trained.

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import download_prefix, upload_folder
 from dpo import fingerprint as fpr
 from dpo.config import load_config
 from dpo.storage import read_parquet_files
@@ -69,20 +70,6 @@ def _reference_rows(out: Path, split: str) -> list[dict]:
     return sorted((r for r in table.to_pylist()), key=lambda r: r["pair_id"])
 
 
-def _download(prefix: str, dest: Path) -> None:
-    """Every object under s3://BUCKET/prefix/ into `dest`, read with boto3: no code of the project's."""
-    import boto3
-
-    s3 = boto3.client("s3")
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
-        for item in page.get("Contents", []):
-            if item["Key"].endswith("/"):  # a folder's marker object, as pyarrow makes them
-                continue
-            path = dest / item["Key"][len(prefix) + 1:]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(BUCKET, item["Key"], str(path))
-
-
 def _metrics(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -111,8 +98,6 @@ The store's job reads model.policy from the bucket too: one copy in the node's c
 the job, and the datasets' fingerprints are the local run's."""
     import boto3
 
-    from conftest import upload_folder
-
     common = [f"model.policy={tiny_model}", "data.max_length=64", "data.max_prompt_length=48", *TRAIN]
     model_uri = upload_folder(tiny_model, BUCKET, "models/tiny")
     node_cache = tmp_path / "node-cache"
@@ -139,7 +124,7 @@ the job, and the datasets' fingerprints are the local run's."""
         job.kill()
     assert job.returncode == 0, output[-3000:]
     out = tmp_path / "from-s3"
-    _download(RUN, out)
+    download_prefix(BUCKET, RUN, out)
 
     for split, count in (("train", 60), ("eval", 20)):
         got, want = _reference_rows(out, split), _reference_rows(tmp_path / "local", split)
@@ -188,6 +173,9 @@ the job, and the datasets' fingerprints are the local run's."""
      "create it, or fix the URI"),
     (f"data.train_files=[s3://{BUCKET}/data/*.csv]",
      f"data.train_files: the pattern s3://{BUCKET}/data/*.csv matches no file; check the path"),
+    ("model.policy=s3://no-such-bucket/models/tiny",
+     "model.policy: s3://no-such-bucket/models/tiny: the bucket no-such-bucket does not exist at {endpoint}; "
+     "create it, or fix the URI"),
     ("data.train_files=[zz://bucket/a.jsonl]",
      "data.train_files: zz://bucket/a.jsonl: no filesystem serves zz:// (Unrecognized filesystem type in URI: "
      "zz://bucket/a.jsonl); use s3://, gs://, hdfs:// or a local path"),
@@ -247,7 +235,6 @@ def test_a_model_in_the_bucket_is_copied_once_per_node_and_hashed_as_its_folder(
     from dpo.errors import UserError
     from dpo.model_folders import model_dir, read_model_config
     from pipeline.tokenize import load_tokenizer
-    from conftest import upload_folder
 
     cache = tmp_path / "node-cache"
     monkeypatch.setenv("RAYDPO_MODEL_CACHE", str(cache))
