@@ -63,6 +63,18 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_temp():
+    """The temp dir of a test's own `ray start`, short: Ray puts its sockets there, and a socket's path may not
+    pass 107 bytes, which one under pytest's temp dir can (its user name, its run number, xdist's worker
+    folder; seen: "AF_UNIX path length cannot exceed 107 bytes", the head never started)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A ~0.7M-parameter Llama with a BPE tokenizer trained on examples/data (model and tokenizer in one folder)."""

@@ -53,7 +53,7 @@ def wait_for(url_port: int, proc, timeout=120) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, ray_temp):
     home = tmp_path_factory.mktemp("home")  # no stray ~/.ray token reaches the client by accident
     token = secrets.token_hex(16)
     dash = free_port()
@@ -64,7 +64,7 @@ def cluster(tmp_path_factory):
            f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            f"--metrics-export-port={free_port()}", "--num-cpus=2", "--num-gpus=1", "--include-dashboard=true",
-           f"--temp-dir={tmp_path_factory.mktemp('ray')}"]
+           f"--temp-dir={ray_temp}"]
     log = open(home / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

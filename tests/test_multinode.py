@@ -54,7 +54,7 @@ def _node(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
 class TwoNodes:
     """A head node and a second node that a test may kill, with every process on it."""
 
-    def __init__(self, home: Path, temp: Path):
+    def __init__(self, home: Path, temp: str):
         self.home = home
         for node in ("head", "second"):
             (home / node).mkdir()
@@ -102,8 +102,8 @@ class TwoNodes:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory, s3_server):
-    cluster = TwoNodes(tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ray"))
+def two_nodes(tmp_path_factory, s3_server, ray_temp):
+    cluster = TwoNodes(tmp_path_factory.mktemp("home"), ray_temp)
     try:
         cluster.start_second()
         yield cluster

@@ -92,7 +92,8 @@ def test_a_pipeline_job_on_the_store_equals_the_same_job_on_disk(store, tiny_mod
     from the bucket's newest complete checkpoint (step 4), not from the step-6 folder that a try killed while
     writing it left without COMPLETE; step 5's line is logged once. The result is the uninterrupted run's on
     local disk: the same scores to the bit, every step's metrics within 1e-6, the same exported files and
-    checkpoints, byte for byte. The local run goes on while the store's job runs: the two share nothing.
+    checkpoints, byte for byte, and the job's log, uploaded when the job ends. The local run goes on while the
+    store's job runs: the two share nothing.
 
 The store's job reads model.policy from the bucket too: one copy in the node's cache serves every process of
 the job, and the datasets' fingerprints are the local run's."""
@@ -161,6 +162,12 @@ the job, and the datasets' fingerprints are the local run's."""
         for key in set(a) - {"tokens_per_second"}:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["step"], key)
     assert (train_dir / "report.png").read_bytes().startswith(b"\x89PNG")
+    # The job's log, written locally while the job runs, is in the bucket once it ends, workers' lines included.
+    logs = sorted((out / "logs").iterdir())
+    assert len(logs) == 1 and logs[0].name.startswith("pipeline-"), logs
+    log_text = logs[0].read_text()
+    assert "resolved config" in log_text and f"output_dir: s3://{BUCKET}/{RUN}" in log_text
+    assert "step 6/6 loss" in log_text and f"{model_uri} copied into" in log_text
     policy = sorted(p.name for p in (train_dir / "policy").iterdir())
     assert "model.safetensors" in policy and policy == sorted(p.name for p in (local_train / "policy").iterdir())
     for name in policy:
@@ -253,6 +260,13 @@ def test_a_model_in_the_bucket_is_copied_once_per_node_and_hashed_as_its_folder(
         load_tokenizer(tiny_model, key="model.policy")("a b c").input_ids
     first = {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)}
     assert model_dir(uri, "model.policy") == copy
+    assert {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)} == first
+    assert sorted(p.name for p in cache.iterdir()) == [Path(copy).name, Path(copy).name + ".lock"]
+    # A later job on the node, a process of its own, gets the same copy: nothing downloaded again.
+    later = subprocess.run([sys.executable, "-c", "import sys; from dpo.model_folders import model_dir; "
+                            "print(model_dir(sys.argv[1], 'model.policy'))", uri],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert later.returncode == 0 and later.stdout.strip() == copy, later.stderr[-2000:]
     assert {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)} == first
     assert sorted(p.name for p in cache.iterdir()) == [Path(copy).name, Path(copy).name + ".lock"]
 
