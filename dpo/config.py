@@ -337,6 +337,9 @@ class DebugConfig(_Section):
     # An actor holding this many CPUs starts right after the precompute's resource check, as
     # another job taking them would: the stall the check cannot foresee.
     hold_cpus_after_check: Optional[float] = Field(None, gt=0)
+    # An elastic group smaller than its max waits before this step until Ray Train grows it back (its resize
+    # ends the waiting group), so that a test returning a lost node finds the run still going.
+    wait_for_full_group_at_step: Optional[int] = Field(None, ge=1)
 
 
 class Config(_Section):

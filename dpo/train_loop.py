@@ -107,6 +107,7 @@ def train_loop_per_worker(config: dict) -> Optional[str]:
     last: dict = {}
     for step in range(w.state.step + 1, c.total_steps + 1):
         _maybe_fail(w, step)
+        _maybe_wait_for_full_group(w, step)
         result = train_step(w, batch_rows(w, step))
         if not result.finite and t.on_nonfinite_loss == "error":
             w.sinks.trackers.close()
@@ -343,6 +344,20 @@ def _nonfinite_error(w: Worker, step: int, bad_ids: list[str]) -> str:
     where = f"pairs {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" if ids else "the gradient"
     return (f"non-finite loss at step {step} ({where}); lower train.learning_rate or train.beta, check those "
             "pairs, or set train.on_nonfinite_loss=skip to skip such batches")
+
+
+def _maybe_wait_for_full_group(w: Worker, step: int) -> None:
+    """debug.wait_for_full_group_at_step: a group below train.num_workers' max waits here until Ray Train's
+    resize replaces it by a larger one, for at most run.stall_timeout_s (600 s if null): then it fails."""
+    c = w.ctx
+    if c.cfg.debug.wait_for_full_group_at_step != step or c.world >= c.t.max_workers:
+        return
+    limit = c.cfg.run.stall_timeout_s or 600.0
+    log.warning("debug.wait_for_full_group_at_step=%d: a group of %d waits to grow to %d", step, c.world,
+                c.t.max_workers)
+    time.sleep(limit)
+    raise RuntimeError(f"debug.wait_for_full_group_at_step={step}: the group of {c.world} worker(s) did not grow "
+                       f"to {c.t.max_workers} in {limit:.0f} s")
 
 
 def _maybe_fail(w: Worker, step: int) -> None:

@@ -42,8 +42,12 @@ JOB = ["--config", "configs/quickstart.yaml", "reference.num_actors=2",
        "data.shard_rows=50", "reference.pairs_per_call=50", "data.eval_files=[]", "train.global_batch_size=16",
        f"train.max_steps={STEPS}", "train.log_every=1", "train.checkpoint_every=4", "train.max_failures=1"]
 # On two nodes the group is elastic, and a worker takes a node's 2 CPUs: Ray Train sizes the group by the CPUs
-# the nodes hold, so one node holds one worker.
-ELASTIC = ["train.num_workers=[1,2]", "train.cpus_per_worker=2"]
+# the nodes hold, so one node holds one worker. Ray Train looks for room to grow every 2 s, and a group of 1
+# waits before step GROW_BY (after the step-32 checkpoint) until it has grown: the returning node must find
+# the run still going.
+GROW_BY = 33
+ELASTIC = ["train.num_workers=[1,2]", "train.cpus_per_worker=2", "train.elastic_resize_interval_s=2",
+           f"debug.wait_for_full_group_at_step={GROW_BY}"]
 
 
 def _node(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
@@ -182,7 +186,8 @@ def test_the_pipeline_spreads_over_two_nodes_goes_on_without_a_lost_node_and_equ
     each); the scoring pool and the first group span both nodes. The job is given no path at all: model.policy,
     data.train_files and run.output_dir are in the bucket, and each node reads the model from a copy in its own
     home folder. Once the step-4 checkpoint is complete the second node is killed, its worker with it: the group
-    goes on with 1 worker from that checkpoint and the run ends. The same job on one node from local folders,
+    goes on with 1 worker from that checkpoint. Then the node is started again, and the group grows back to 2
+    workers from the newest checkpoint and ends the run. The same job on one node from local folders,
     with a fixed group of 2, is the yardstick: the reference scores equal exactly (the same model and pairs,
     eager attention, whichever actor scored them), and every step's metrics and the exported weights within
     1e-5, each step once in metrics.jsonl."""
@@ -196,9 +201,13 @@ def test_the_pipeline_spreads_over_two_nodes_goes_on_without_a_lost_node_and_equ
     model_uri = upload_folder(model, bucket, "models/quickstart")
     proc = _job({**two_nodes.env, "RAY_ADDRESS": two_nodes.gcs}, f"s3://{bucket}/run", model_uri,
                 tmp_path / "job.log", f"data.train_files=[s3://{bucket}/data/train.jsonl]", *ELASTIC)
+    attempts_file = f"s3://{bucket}/run/train/attempts.jsonl"
     try:
         _wait(proc, lambda: 4 in complete_steps(f"s3://{bucket}/run/train/checkpoints"), "the step-4 checkpoint")
         killed = two_nodes.kill_second()
+        _wait(proc, lambda: len(read_metrics(attempts_file)) == 2, "the group of 1")
+        two_nodes.start_second()
+        returned = time.time()
         proc.wait(timeout=900)
     finally:
         proc.kill()
@@ -211,10 +220,13 @@ def test_the_pipeline_spreads_over_two_nodes_goes_on_without_a_lost_node_and_equ
         assert len(copies) == 1 and copies[0].startswith("quickstart-"), (node, copies)
     attempts = _attempts(out)
     # From the newest checkpoint when Ray saw the node gone: step 4's, or a later one that the lost node's
-    # worker helped to finish first; never the last, so the group of 1 trained.
-    assert [a["workers"] for a in attempts] == [2, 1] and attempts[1]["resumed_after_step"] in range(4, STEPS, 4), (
-        attempts)
-    print(f"shrink: node killed -> 1 worker started {attempts[1]['started'] - killed:.1f} s")
+    # worker helped to finish first; never the last, so the group of 1 trained. Grown back from the newest
+    # checkpoint when Ray saw the node return: at the latest step 32's, where the group of 1 waits.
+    assert [a["workers"] for a in attempts] == [2, 1, 2], attempts
+    assert attempts[1]["resumed_after_step"] in range(4, GROW_BY, 4), attempts
+    assert attempts[2]["resumed_after_step"] in range(attempts[1]["resumed_after_step"], GROW_BY, 4), attempts
+    print(f"shrink: node killed -> 1 worker started {attempts[1]['started'] - killed:.1f} s; "
+          f"grow: node back -> 2 workers started {attempts[2]['started'] - returned:.1f} s")
 
     # The scoring pool on both nodes, by the dataset's own record of where its pairs were scored.
     manifest = json.loads((out / "reference" / "_manifest.json").read_text())
@@ -222,18 +234,20 @@ def test_the_pipeline_spreads_over_two_nodes_goes_on_without_a_lost_node_and_equ
         manifest["scored_on"])
     assert len(manifest["scored_by"]) == 2, manifest["scored_by"]
     assert not (out / "reference_eval").exists()
-    # By Ray's own record: the group of 2 on both nodes, the group of 1 on the head alone; the lost node's
-    # worker was on the node Ray lists dead.
+    # By Ray's own record: each group of 2 on both nodes, the group of 1 on the head alone; the lost node's
+    # worker was on the node Ray lists dead, and the grown group's on the node that returned.
     groups = collections.defaultdict(set)
     for name, group, node in _placed_actors(two_nodes):
         if "RayTrainWorker" in name:
             groups[group].add(node)
-    assert sorted(len(nodes) for nodes in groups.values()) == [1, 2], groups
+    assert sorted(len(nodes) for nodes in groups.values()) == [1, 2, 2], groups
     from ray.util.state import list_nodes
 
     dead = {node.node_id for node in list_nodes(address=two_nodes.address) if node.state == "DEAD"}
-    first, shrunk = (next(nodes for nodes in groups.values() if len(nodes) == size) for size in (2, 1))
-    assert len(first & dead) == 1 and not shrunk & dead and shrunk < first, (groups, dead)
+    (shrunk,) = (nodes for nodes in groups.values() if len(nodes) == 1)
+    (first,) = (nodes for nodes in groups.values() if len(nodes) == 2 and nodes & dead)
+    (grown,) = (nodes for nodes in groups.values() if len(nodes) == 2 and not nodes & dead)
+    assert len(first & dead) == 1 and not shrunk & dead and shrunk < first and shrunk < grown, (groups, dead)
 
     one_node = _one_node(model, tmp_path / "one-node", train_pairs)
     assert _scores(out) == _scores(one_node)
