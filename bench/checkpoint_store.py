@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from dpo import checkpoint as ckpt  # noqa: E402
 from dpo import storage  # noqa: E402
-from pipeline.models import PRESETS  # noqa: E402
+from pipeline.models import PRESETS, llama_config  # noqa: E402
 from conftest import moto_s3  # noqa: E402  the tests' S3 server on loopback, and the AWS variables set for it
 
 MIB = 2**20
@@ -41,17 +41,13 @@ MIB = 2**20
 
 def train_state(preset: str, seed: int) -> ckpt.TrainState:
     """A policy of the preset with AdamW's two moments made by one step, as a worker holds it after a step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    params = dict(PRESETS[preset])
-    params["num_hidden_layers"] = params.pop("num_layers")
-    params["num_attention_heads"] = params.pop("num_heads")
-    params["num_key_value_heads"] = params.pop("num_kv_heads")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**params))
+    model = LlamaForCausalLM(llama_config(**PRESETS[preset]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    ids = torch.randint(0, params["vocab_size"], (2, 64))
+    ids = torch.randint(0, PRESETS[preset]["vocab_size"], (2, 64))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     scheduler.step()

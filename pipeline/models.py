@@ -75,20 +75,30 @@ def train_tokenizer(texts: Iterable[str], out_dir=None, vocab_size: int = 1024):
     return hf
 
 
+def llama_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+                 max_position_embeddings, **fields):
+    """The LlamaConfig of a preset's sizes (PRESETS' names); `fields`: any other LlamaConfig field."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                       intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                       **fields)
+
+
 def build_llama(out_dir, tokenizer, *, hidden_size, num_layers, num_heads, num_kv_heads,
                 intermediate_size, max_position_embeddings, seed) -> str:
     """A seeded random LlamaForCausalLM saved (float32, safetensors) beside its tokenizer."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     eos, pad = tokenizer.convert_tokens_to_ids([EOS, PAD])
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
-        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
-        dtype="float32")
+    config = llama_config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False, dtype="float32")
     # fork_rng: seed the init without disturbing the caller's global RNG stream
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
