@@ -162,7 +162,7 @@ def _save_merged_policy(model: torch.nn.Module, lm, cfg: Config, dest: str, *, r
 def save_tokenizer(cfg: Config, folder: str) -> None:
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(model_dir(cfg.model.tokenizer_path, cfg.model.tokenizer_key),
+    AutoTokenizer.from_pretrained(model_dir(cfg.model.tokenizer_path, cfg.model.tokenizer_key, weights=False),
                                   trust_remote_code=cfg.model.trust_remote_code).save_pretrained(folder)
 
 

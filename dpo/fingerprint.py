@@ -15,11 +15,10 @@ from typing import Optional
 
 from dpo.config import Config
 from dpo.errors import UserError
-from dpo.model_folders import model_dir, tokenizer_files
+from dpo.model_folders import model_dir, tokenizer_files, weight_names
 from dpo.storage import exists, is_uri, join, read_text, resolve
 
 MANIFEST = "_manifest.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CACHE = os.path.expanduser(os.environ.get("RAYDPO_HASH_CACHE", "~/.cache/raydpo/hashes.json"))
 
 
@@ -66,22 +65,22 @@ def _sha256_file(path: str) -> str:
 def _hash_files(folder: str, names: list[str]) -> str:
     h = hashlib.sha256()
     for name in sorted(names):
-        h.update(name.encode() + b"\0" + _sha256_file(os.path.join(folder, name)).encode())
+        h.update(name.encode() + b"\0" + _sha256_file(join(folder, name)).encode())
     return h.hexdigest()[:32]
 
 
 def weights_hash(path: str, key: str = "model.reference") -> str:
-    """The weight files' hash, the same for a local folder and for its copy in an object store."""
-    folder = model_dir(path, key)
-    names = [n for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES)]
+    """The weight files' hash, the same for a local folder and for its copy in an object store, whose objects
+    are read where they are (never copied to the node that asks)."""
+    names = weight_names(path, key)
     if not names:
         raise UserError(f"{key}: {path} holds no weight files (*.safetensors)")
-    return _hash_files(folder, names)
+    return _hash_files(path.rstrip("/"), names)
 
 
 def tokenizer_hashes(path: str, key: str = "model.tokenizer") -> tuple[str, str]:
     """(tokenizer files hash, chat template hash)."""
-    tokenizer_dir = model_dir(path, key)
+    tokenizer_dir = model_dir(path, key, weights=False)
     names = tokenizer_files(tokenizer_dir, key)
     template = ""
     jinja = os.path.join(tokenizer_dir, "chat_template.jinja")

@@ -74,7 +74,7 @@ def validate(cfg: Config, train: DatasetFolder) -> None:
     if needs_reference(t.loss_types) and not train.scored:
         raise UserError(f"{train.folder} holds no reference scores but train.loss_type {t.loss_type} needs "
                         "them; run jobs.precompute_reference (or jobs.pipeline) first")
-    model_dir(cfg.model.policy, "model.policy")
+    model_dir(cfg.model.policy, "model.policy", weights=False)
     _check_policy_context(cfg)
     if t.layout == "shared_prompt" and (cfg.model.attn_implementation or "").startswith("flash"):
         raise UserError(f"train.layout=shared_prompt needs an attention that takes its mask, which "

@@ -4,8 +4,11 @@ Models are read from local folders (the design assumes no hub access), so a
 folder that is not there is refused here, naming the key that gave it, before
 transformers would take the name for a hub id and retry the hub. A model named
 by an object-store URI (s3://bucket/models/x) is copied once into each node's
-cache (`model_dir`), and everything reads that copy: the fingerprint hashes the
-same bytes as for a local folder, and transformers and vLLM load local files.
+cache (`model_dir`), and transformers and vLLM load that copy. What needs no
+weights (the config, the tokenizer, the checks on the driver) copies everything
+but the weights, so the head node of a 70B job does not store 140 GB; the
+fingerprint hashes the weight objects' bytes in the store, the same bytes as a
+local folder's.
 
 A RoPE model handed a sequence longer than it was built for does not fail: it
 extrapolates and returns log-probs that are quietly wrong. So the stages check
@@ -32,6 +35,7 @@ log = logging.getLogger("raydpo")
 QUICKSTART_MODEL = "runs/quickstart/model"
 # This node's copies of the models named by URI, one folder per URI and state of its objects.
 MODEL_CACHE_ENV = "RAYDPO_MODEL_CACHE"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # A folder holding none of these holds no tokenizer. The chat template is fingerprinted on its own
 # field, so chat_template.jinja is not listed here.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
@@ -51,27 +55,30 @@ def check_model_folder(path: str, key: str) -> None:
                     "(models are read from local folders, never from the model hub)")
 
 
-def model_dir(path: str, key: str) -> str:
-    """The local folder holding what `key` names: `path` itself, or, for a URI, this node's copy of it."""
+def model_dir(path: str, key: str, *, weights: bool = True) -> str:
+    """The local folder holding what `key` names: `path` itself, or, for a URI, this node's copy of it;
+    without `weights`, a copy of everything but the weight files does (the config, the tokenizer)."""
     if is_uri(path):
-        return _node_copy(path.rstrip("/"), key)
+        return _node_copy(path.rstrip("/"), key, weights)
     check_model_folder(path, key)
     return path
+
+
+def weight_names(path: str, key: str) -> list[str]:
+    """The weight files' names in the folder or URI `path`, sorted, read from the store's listing for a URI."""
+    if not is_uri(path):
+        check_model_folder(path, key)
+        return sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES))
+    _, objects = _listing(path.rstrip("/"), key)
+    return [name for name, _, _ in objects if "/" not in name and name.endswith(WEIGHT_SUFFIXES)]
 
 
 def model_cache() -> str:
     return os.path.expanduser(os.environ.get(MODEL_CACHE_ENV, "~/.cache/raydpo/models"))
 
 
-def _node_copy(uri: str, key: str) -> str:
-    """The folder `uri` downloaded into this node's cache, once.
-
-    The copy's name hashes the URI with every object's name, size and time, so an
-    object replaced in the store makes a new copy rather than serving the old one.
-    One process per node downloads (a file lock); the others wait and reuse it. The
-    copy is assembled beside its place and renamed into it, so a download cut off
-    midway is never taken for a model.
-    """
+def _listing(uri: str, key: str) -> tuple[str, list[tuple[str, int, Optional[int]]]]:
+    """(the path of `uri` in its filesystem, every object under it as (name below it, size, time)), sorted."""
     import pyarrow.fs as pafs
 
     check_uri(uri, key)
@@ -85,11 +92,30 @@ def _node_copy(uri: str, key: str) -> str:
     if not objects:
         raise UserError(f"{key}: {uri} holds no files; give the URI of a folder holding a Hugging Face model "
                         "(config.json, *.safetensors, tokenizer files)")
+    return root, objects
+
+
+def _node_copy(uri: str, key: str, weights: bool) -> str:
+    """The folder `uri` downloaded into this node's cache, once; without `weights`, all but the weight files.
+
+    The copy's name hashes the URI with every object's name, size and time, so an
+    object replaced in the store makes a new copy rather than serving the old one.
+    One process per node downloads (a file lock); the others wait and reuse it. The
+    copy is assembled beside its place and renamed into it, so a download cut off
+    midway is never taken for a model.
+    """
+    import pyarrow.fs as pafs
+
+    root, objects = _listing(uri, key)
+    fs, _ = pafs.FileSystem.from_uri(uri)
     state = hashlib.sha256(json.dumps([uri, objects]).encode()).hexdigest()[:20]
     cache = model_cache()
-    copy = os.path.join(cache, f"{os.path.basename(root)}-{state}")
-    if os.path.isdir(copy):
-        return copy
+    whole = os.path.join(cache, f"{os.path.basename(root)}-{state}")
+    copy = whole if weights else f"{whole}-no-weights"
+    if os.path.isdir(whole) or os.path.isdir(copy):
+        return whole if os.path.isdir(whole) else copy
+    if not weights:
+        objects = [o for o in objects if not o[0].endswith(WEIGHT_SUFFIXES)]
     os.makedirs(cache, exist_ok=True)
     with open(f"{copy}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -122,18 +148,18 @@ def tokenizer_files(path: str, key: str) -> list[str]:
 
 def check_model_folders(model: ModelConfig, *, policy: bool, reference: bool) -> None:
     """Every model folder a job will read, checked before Ray starts so a wrong path fails in a moment."""
-    tokenizer_files(model_dir(model.tokenizer_path, model.tokenizer_key), model.tokenizer_key)
+    tokenizer_files(model_dir(model.tokenizer_path, model.tokenizer_key, weights=False), model.tokenizer_key)
     if policy:
-        model_dir(model.policy, "model.policy")
+        model_dir(model.policy, "model.policy", weights=False)
     if reference:
-        model_dir(model.reference_path, model.reference_key)
+        model_dir(model.reference_path, model.reference_key, weights=False)
 
 
 def read_model_config(path: str, key: str, trust_remote_code: bool = False):
     """The model's transformers config; a folder without a readable config.json is the user's mistake."""
     from transformers import AutoConfig
 
-    path = model_dir(path, key)
+    path = model_dir(path, key, weights=False)
     if not trust_remote_code:
         _refuse_remote_code(path, key)
     try:

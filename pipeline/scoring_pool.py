@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import json
+import struct
 import uuid
 from typing import Iterator, Optional
 
@@ -11,7 +12,7 @@ from dpo import storage
 from dpo.config import Config
 from dpo.errors import UserError
 from dpo.job_cpus import refuse_unless_fits
-from dpo.model_folders import check_max_length, model_dir, read_model_config
+from dpo.model_folders import check_max_length, read_model_config, weight_names
 from pipeline.placement import release_placement_groups
 from pipeline.scoring import FAIL_MARKER, tensor_parallel
 from pipeline.vllm_scorer import check_cpu_kv_cache, require_vllm
@@ -20,25 +21,19 @@ from pipeline.vllm_scorer import check_cpu_kv_cache, require_vllm
 def check_reference_model(cfg: Config) -> None:
     """Fail on the driver, before any actor starts, when the reference model cannot load.
 
-    Reads the config and the safetensors headers only: loading the weights here
-    would cost the driver a model's worth of memory.
+    Reads the config and the safetensors headers only, where the model is (a
+    folder or a bucket): loading or copying the weights here would cost the
+    driver's node a model's worth of memory or disk.
     """
     key = cfg.model.reference_key
-    path = model_dir(cfg.model.reference_path, key)
+    path = cfg.model.reference_path
     hf_config = read_model_config(path, key, cfg.model.trust_remote_code)
-    weights = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    weights = [n for n in weight_names(path, key) if n.endswith(".safetensors")]
     if not weights:
         raise UserError(f"{key}: {path} holds no *.safetensors weights; convert the checkpoint with "
                         "save_pretrained(..., safe_serialization=True)")
-    from safetensors import safe_open
-
     for name in weights:
-        try:
-            with safe_open(os.path.join(path, name), framework="pt") as fh:
-                fh.keys()
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"{key}: {os.path.join(path, name)} is not a readable safetensors file ({exc}); "
-                            "re-save or re-download the model") from None
+        _check_safetensors_header(storage.join(path.rstrip("/"), name), key)
     ref = cfg.reference
     vllm = ref.backend == "vllm"
     check_max_length(hf_config, max_length=cfg.data.max_length, key=key, path=path, extra=1 if vllm else 0,
@@ -62,6 +57,27 @@ def check_reference_model(cfg: Config) -> None:
 
 # Ray Data gives each read and tokenize task one CPU (its default for map tasks).
 TASK_CPUS = 1.0
+
+
+def _check_safetensors_header(path: str, key: str) -> None:
+    """The header of a safetensors file: 8 bytes of its length, then a JSON object whose tensors' data offsets
+    lie within the file. Read with two ranged reads, from local disk or an object store alike."""
+    fs, inner = storage.resolve(path)
+    try:
+        with fs.open_input_file(inner) as fh:
+            size = fh.size()
+            length = struct.unpack("<Q", fh.read_at(8, 0))[0] if size >= 8 else -1
+            if not 0 < length <= size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(fh.read_at(length, 8))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        for name, tensor in header.items():
+            if name != "__metadata__" and not tensor["data_offsets"][1] <= size - 8 - length:
+                raise ValueError(f"tensor {name} ends past the file's end")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise UserError(f"{key}: {path} is not a readable safetensors file ({exc}); re-save or re-download "
+                        "the model") from None
 
 
 def check_pool_fits(cfg: Config) -> None:

@@ -40,7 +40,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model
     """The tokenizer in the folder or URI `path`; `key` is the config key that gave it, for messages."""
     from transformers import AutoTokenizer
 
-    path = model_dir(path, key)
+    path = model_dir(path, key, weights=False)
     tokenizer_files(path, key)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -95,8 +95,9 @@ def test_a_pipeline_job_on_the_store_equals_the_same_job_on_disk(store, tiny_mod
     checkpoints, byte for byte, and the job's log, uploaded when the job ends. The local run goes on while the
     store's job runs: the two share nothing.
 
-The store's job reads model.policy from the bucket too: one copy in the node's cache serves every process of
-the job, and the datasets' fingerprints are the local run's."""
+The store's job reads model.policy from the bucket too: the driver's checks copy all but the weights, one
+whole copy in the node's cache serves the scoring actor and both workers, and the datasets' fingerprints are
+the local run's."""
     import boto3
 
     common = [f"model.policy={tiny_model}", "data.max_length=64", "data.max_prompt_length=48", *TRAIN]
@@ -140,10 +141,12 @@ the job, and the datasets' fingerprints are the local run's."""
         local_fingerprint = fpr.read_manifest(dataset_folder(cfg, "reference", split))["fingerprint"]
         assert fpr.read_manifest(str(folder))["fingerprint"] == local_fingerprint
         assert local_fingerprint["reference_model"] and local_fingerprint["tokenizer"]
-    # The driver, the tokenizing tasks, the scoring actor and both workers share the node's one copy.
-    copies = [p for p in node_cache.iterdir() if p.is_dir()]
-    assert len(copies) == 1 and copies[0].name.startswith("tiny-") and _files(copies[0]) == _files(tiny_model)
-    assert output.count(f"{model_uri} copied into {copies[0]}") == 1, output[-3000:]
+    # The driver's checks copied all but the weights; the scoring actor and both workers share one whole copy.
+    copies = sorted(p for p in node_cache.iterdir() if p.is_dir())
+    assert [p.name for p in copies] == [copies[0].name, copies[0].name + "-no-weights"], copies
+    assert copies[0].name.startswith("tiny-") and _files(copies[0]) == _files(tiny_model)
+    for copy in copies:
+        assert output.count(f"{model_uri} copied into {copy} (") == 1, output[-3000:]
 
     train_dir, local_train = out / "train", tmp_path / "local" / "train"
     attempts = [json.loads(line) for line in (train_dir / "attempts.jsonl").read_text().splitlines()]
@@ -167,7 +170,7 @@ the job, and the datasets' fingerprints are the local run's."""
     assert len(logs) == 1 and logs[0].name.startswith("pipeline-"), logs
     log_text = logs[0].read_text()
     assert "resolved config" in log_text and f"output_dir: s3://{BUCKET}/{RUN}" in log_text
-    assert "step 6/6 loss" in log_text and f"{model_uri} copied into" in log_text
+    assert "step 6/6 loss" in log_text and f"{model_uri} copied into {copies[0]}" in log_text
     policy = sorted(p.name for p in (train_dir / "policy").iterdir())
     assert "model.safetensors" in policy and policy == sorted(p.name for p in (local_train / "policy").iterdir())
     for name in policy:
@@ -234,24 +237,38 @@ def test_a_model_in_the_bucket_is_copied_once_per_node_and_hashed_as_its_folder(
     (RAYDPO_MODEL_CACHE), byte for byte; the next ones get the same folder without a byte read again. The
     fingerprint's hashes are the local folder's, so a dataset scored from either is the same dataset.
 
+    What needs no weights (the driver's checks, the config, the tokenizer) copies all but the weight files,
+    and the weights' hash and the safetensors header check read the objects in the store: a driver on a node
+    that trains nothing never stores the weights. Once the whole copy is there, it serves those readers too.
+
     An object replaced in the bucket changes its size or time, so the next reader gets a new copy holding the
     new bytes, never the stale one. A download cut off midway (a `.part` folder left by a killed process) is
     neither served nor kept. A prefix holding nothing is one line naming the key."""
     import boto3
 
     from dpo.errors import UserError
-    from dpo.model_folders import model_dir, read_model_config
+    from dpo.model_folders import check_model_folders, model_dir, read_model_config
+    from pipeline.scoring_pool import check_reference_model
     from pipeline.tokenize import load_tokenizer
 
     cache = tmp_path / "node-cache"
     monkeypatch.setenv("RAYDPO_MODEL_CACHE", str(cache))
     uri = upload_folder(tiny_model, BUCKET, "models/unit")
+    cfg = load_config(None, [f"model.policy={uri}", "data.max_length=64", "data.max_prompt_length=48"])
 
-    copy = model_dir(uri, "model.policy")
-    assert Path(copy).parent == cache and Path(copy).name.startswith("unit-")
-    assert _files(copy) == _files(tiny_model)
+    # The driver's checks and hashes: no weight file reaches the node.
+    check_model_folders(cfg.model, policy=True, reference=True)
+    check_reference_model(cfg)
     assert fpr.weights_hash(uri, "model.policy") == fpr.weights_hash(tiny_model, "model.policy")
     assert fpr.tokenizer_hashes(uri, "model.policy") == fpr.tokenizer_hashes(tiny_model, "model.policy")
+    (light,) = (p for p in cache.iterdir() if p.is_dir())
+    assert light.name.startswith("unit-") and light.name.endswith("-no-weights")
+    assert _files(light) == {k: v for k, v in _files(tiny_model).items() if not k.endswith(".safetensors")}
+    assert "model.safetensors" in _files(tiny_model)
+
+    copy = model_dir(uri, "model.policy")
+    assert Path(copy).parent == cache and copy + "-no-weights" == str(light)
+    assert _files(copy) == _files(tiny_model)
     # Every reader goes through the one copy: transformers' config and tokenizer included.
     from_bucket, from_folder = (read_model_config(path, "model.policy").to_dict() for path in (uri, tiny_model))
     assert from_bucket.pop("_name_or_path") == copy
@@ -261,14 +278,16 @@ def test_a_model_in_the_bucket_is_copied_once_per_node_and_hashed_as_its_folder(
     first = {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)}
     assert model_dir(uri, "model.policy") == copy
     assert {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)} == first
-    assert sorted(p.name for p in cache.iterdir()) == [Path(copy).name, Path(copy).name + ".lock"]
+    names = [Path(copy).name, Path(copy).name + "-no-weights", Path(copy).name + "-no-weights.lock",
+             Path(copy).name + ".lock"]
+    assert sorted(p.name for p in cache.iterdir()) == names
     # A later job on the node, a process of its own, gets the same copy: nothing downloaded again.
     later = subprocess.run([sys.executable, "-c", "import sys; from dpo.model_folders import model_dir; "
                             "print(model_dir(sys.argv[1], 'model.policy'))", uri],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert later.returncode == 0 and later.stdout.strip() == copy, later.stderr[-2000:]
     assert {name: os.stat(Path(copy) / name).st_ino for name in _files(copy)} == first
-    assert sorted(p.name for p in cache.iterdir()) == [Path(copy).name, Path(copy).name + ".lock"]
+    assert sorted(p.name for p in cache.iterdir()) == names
 
     # A killed download's leftover, beside a copy that is not there.
     os.rename(copy, copy + ".part")
@@ -288,3 +307,13 @@ def test_a_model_in_the_bucket_is_copied_once_per_node_and_hashed_as_its_folder(
         model_dir(f"s3://{BUCKET}/models/none", "model.reference")
     assert str(empty.value) == (f"model.reference: s3://{BUCKET}/models/none holds no files; give the URI of a "
                                 "folder holding a Hugging Face model (config.json, *.safetensors, tokenizer files)")
+    # A weight file whose header is cut short, found by two ranged reads of the object, before any actor.
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="models/corrupt/config.json", Body=json.dumps(config).encode())
+    s3.put_object(Bucket=BUCKET, Key="models/corrupt/model.safetensors",
+                  Body=b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(UserError) as corrupt:
+        check_reference_model(load_config(None, [f"model.policy=s3://{BUCKET}/models/corrupt"]))
+    assert str(corrupt.value) == (f"model.policy: s3://{BUCKET}/models/corrupt/model.safetensors is not a readable "
+                                  "safetensors file (a header of 16 bytes in a file of 20); re-save or re-download "
+                                  "the model")
