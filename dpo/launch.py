@@ -114,6 +114,18 @@ def worker_bundle(cfg: Config) -> dict:
     return {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
 
 
+def scaling_config(cfg: Config):
+    """Ray Train's worker group for this config: Ray's (min, max) for an elastic group, which looks for room to
+    grow every train.elastic_resize_interval_s."""
+    from ray.train import ScalingConfig
+
+    t = cfg.train
+    return ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
+                         elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
+                         use_gpu=t.use_gpu, resources_per_worker=worker_bundle(cfg),
+                         placement_strategy=t.placement_strategy)
+
+
 # How long Ray Train waits for a worker group's workers before it gives that start up (60 s by default).
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # How long one start of an elastic group waits for its placement. Right after a node is lost Ray Train may still
@@ -293,7 +305,7 @@ def refuse_nonfinite_scores(folder: str, table) -> None:
 
 def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFolder] = None) -> dict:
     """Run DPO training; return the final metrics and where the outputs are."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from dpo.train_loop import ATTEMPTS_FILE, train_loop_per_worker
@@ -321,10 +333,7 @@ def train(cfg: Config, train_data: DatasetFolder, eval_data: Optional[DatasetFol
             # Whole dataset on every rank: the epoch plan, not Ray Data, decides who trains on what.
             train_loop_config={"config": cfg.model_dump(mode="json"), "train_pairs": train_pairs,
                                "eval_pairs": eval_pairs},
-            scaling_config=ScalingConfig(num_workers=tuple(t.num_workers) if t.elastic else t.num_workers,
-                                         elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
-                                         use_gpu=t.use_gpu, resources_per_worker=worker_bundle(cfg),
-                                         placement_strategy=t.placement_strategy),
+            scaling_config=scaling_config(cfg),
             run_config=RunConfig(
                 name="ray",
                 storage_path=train_dir if storage.is_uri(train_dir) else os.path.abspath(train_dir),

@@ -94,6 +94,19 @@ def test_an_elastic_group_is_sized_by_its_range_and_every_size_gets_micro_batche
         assert sorted(len(share.rows) for rank_shares in shares for share in rank_shares if share.counted) == [1, 4, 4]
 
 
+def test_the_worker_group_ray_train_gets_is_the_configs():
+    """Ray Train's ScalingConfig carries the config's group: (1, 3) is Ray's elastic range, and it looks for room
+    to grow every train.elastic_resize_interval_s (7 here, not Ray's 60 or ours); a plain 2 stays fixed."""
+    from dpo.launch import scaling_config
+
+    elastic = scaling_config(load_config(None, ["train.num_workers=[1,3]", "train.elastic_resize_interval_s=7",
+                                                "train.cpus_per_worker=2", "train.placement_strategy=SPREAD"]))
+    assert (elastic.num_workers, elastic.elastic_resize_monitor_interval_s) == ((1, 3), 7)
+    assert (elastic.use_gpu, elastic.resources_per_worker, elastic.placement_strategy) == (False, {"CPU": 2}, "SPREAD")
+    fixed = scaling_config(load_config(None, ["train.num_workers=2"]))
+    assert fixed.num_workers == 2 and fixed.resources_per_worker == {"CPU": 1}
+
+
 def test_an_elastic_group_needs_the_cpus_of_its_smallest_size(ray_session):
     from dpo.errors import UserError
     from dpo.launch import refuse_unless_training_fits
