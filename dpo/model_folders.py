@@ -27,7 +27,7 @@ from typing import Optional
 
 from dpo.config import ModelConfig
 from dpo.errors import UserError
-from dpo.storage import check_uri, is_uri
+from dpo.storage import check_uri, is_uri, resolve
 
 log = logging.getLogger("raydpo")
 
@@ -69,7 +69,7 @@ def weight_names(path: str, key: str) -> list[str]:
     if not is_uri(path):
         check_model_folder(path, key)
         return sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES))
-    _, objects = _listing(path.rstrip("/"), key)
+    _, _, objects = _listing(path.rstrip("/"), key)
     return [name for name, _, _ in objects if "/" not in name and name.endswith(WEIGHT_SUFFIXES)]
 
 
@@ -77,12 +77,12 @@ def model_cache() -> str:
     return os.path.expanduser(os.environ.get(MODEL_CACHE_ENV, "~/.cache/raydpo/models"))
 
 
-def _listing(uri: str, key: str) -> tuple[str, list[tuple[str, int, Optional[int]]]]:
-    """(the path of `uri` in its filesystem, every object under it as (name below it, size, time)), sorted."""
+def _listing(uri: str, key: str):
+    """(`uri`'s filesystem, its path there, every object under it as (name below it, size, time), sorted)."""
     import pyarrow.fs as pafs
 
     check_uri(uri, key)
-    fs, root = pafs.FileSystem.from_uri(uri)
+    fs, root = resolve(uri)
     try:
         found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
@@ -92,7 +92,7 @@ def _listing(uri: str, key: str) -> tuple[str, list[tuple[str, int, Optional[int
     if not objects:
         raise UserError(f"{key}: {uri} holds no files; give the URI of a folder holding a Hugging Face model "
                         "(config.json, *.safetensors, tokenizer files)")
-    return root, objects
+    return fs, root, objects
 
 
 def _node_copy(uri: str, key: str, weights: bool) -> str:
@@ -104,16 +104,14 @@ def _node_copy(uri: str, key: str, weights: bool) -> str:
     copy is assembled beside its place and renamed into it, so a download cut off
     midway is never taken for a model.
     """
-    import pyarrow.fs as pafs
-
-    root, objects = _listing(uri, key)
-    fs, _ = pafs.FileSystem.from_uri(uri)
+    fs, root, objects = _listing(uri, key)
     state = hashlib.sha256(json.dumps([uri, objects]).encode()).hexdigest()[:20]
     cache = model_cache()
     whole = os.path.join(cache, f"{os.path.basename(root)}-{state}")
     copy = whole if weights else f"{whole}-no-weights"
-    if os.path.isdir(whole) or os.path.isdir(copy):
-        return whole if os.path.isdir(whole) else copy
+    for ready in (whole, copy):  # a whole copy serves a reader that needs no weights too
+        if os.path.isdir(ready):
+            return ready
     if not weights:
         objects = [o for o in objects if not o[0].endswith(WEIGHT_SUFFIXES)]
     os.makedirs(cache, exist_ok=True)

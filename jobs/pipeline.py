@@ -47,10 +47,10 @@ def build_model(cfg: Config, preset: str) -> None:
 
 
 def before_ray(cfg: Config, args) -> None:
-    if args.build_model and storage.is_uri(cfg.model.policy):
-        raise UserError(f"--build-model builds into a local folder, but model.policy is {cfg.model.policy}; "
-                        "build it locally and upload the folder, or drop --build-model")
     if args.build_model:
+        if storage.is_uri(cfg.model.policy):
+            raise UserError(f"--build-model builds into a local folder, but model.policy is {cfg.model.policy}; "
+                            "build it locally and upload the folder, or drop --build-model")
         build_model(cfg, args.build_model)
     train_job.check_before_ray(cfg)
 

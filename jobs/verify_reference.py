@@ -69,8 +69,8 @@ def main(argv=None) -> None:
         rows = storage.read_parquet_files(folder, manifest["files"], columns=COLUMNS).take(picked).to_pylist()
         log.info("rescoring %d of %d pairs of %s with transformers (%s)", len(rows), len(ids), folder,
                  cfg.model.dtype)
-        scorer = HFScorer(model_dir(cfg.model.reference_path, cfg.model.reference_key), dtype=cfg.model.dtype, batch_tokens=cfg.reference.batch_tokens,
-                          trust_remote_code=cfg.model.trust_remote_code,
+        scorer = HFScorer(model_dir(cfg.model.reference_path, cfg.model.reference_key), dtype=cfg.model.dtype,
+                          batch_tokens=cfg.reference.batch_tokens, trust_remote_code=cfg.model.trust_remote_code,
                           attn_implementation=cfg.model.attn_implementation,
                           logits_chunk_size=cfg.model.logits_chunk_size)
         diffs = compare(rows, scorer.score([(r[schema.PROMPT_IDS], r[schema.CHOSEN_IDS], r[schema.REJECTED_IDS])

@@ -78,9 +78,9 @@ class ReferenceScorer:
                 self.scorer = VLLMScorer(*args)
         else:
             self.scorer = HFScorer(
-                model_dir(cfg.model.reference_path, cfg.model.reference_key), dtype=cfg.model.dtype, batch_tokens=ref.batch_tokens,
-                trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-                logits_chunk_size=cfg.model.logits_chunk_size,
+                model_dir(cfg.model.reference_path, cfg.model.reference_key), dtype=cfg.model.dtype,
+                batch_tokens=ref.batch_tokens, trust_remote_code=cfg.model.trust_remote_code,
+                attn_implementation=cfg.model.attn_implementation, logits_chunk_size=cfg.model.logits_chunk_size,
                 device="cuda" if ref.gpus_per_actor > 0 else "cpu")
         import ray
 

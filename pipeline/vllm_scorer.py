@@ -178,7 +178,7 @@ def cpu_kv_cache_bytes(ref) -> int:
     return int(ref.cpu_kv_cache_gib * 2**30)
 
 
-def vllm_scorer_args(cfg: Config, build: VLLMBuild) -> tuple[dict, dict]:
+def vllm_scorer_args(cfg: Config, build: VLLMBuild) -> tuple[dict, dict, str]:
     """`VLLMScorer(*args)` for this config on `build`, as a scoring actor makes it."""
     return vllm_engine_args(cfg, build), engine_environment(cfg.reference, build), cfg.model.reference_key
 
