@@ -10,7 +10,7 @@ tests/test_precompute.py::test_rerun_after_interruption_scores_only_unfinished_s
 With the hf backend only: what this proves (shard markers, the manifest written last, the resume that
 skips committed shards: pipeline.stage and pipeline.manifest) does not depend on the backend, and each
 run of it with vLLM's engine cost two engine starts (188 s on 2 cores). vLLM's engine dies and is
-replaced mid-run in tests/test_vllm.py::test_two_actors_one_killed_mid_run_score_every_pair_once_as_hf_does."""
+replaced mid-run in tests/test_vllm.py::test_a_vllm_actor_killed_mid_run_is_restarted_and_scores_every_pair_once_as_hf_does."""
 
 import json
 import os

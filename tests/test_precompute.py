@@ -150,13 +150,19 @@ def test_rerun_after_interruption_scores_only_unfinished_shards(clean, tmp_path,
 
 @pytest.mark.slow
 def test_scoring_actor_killed_mid_run_is_restarted_and_scores_match(clean, tmp_path, tiny_model):
+    """2 scoring actors on 200 pairs in 4 shards; one dies after its second batch and Ray restarts it. Every
+    pair is written once (scores() refuses a pair written twice), by both actors, with the clean run's scores.
+    What this proves (the pool's restart, the shards written once: pipeline.stage) does not depend on the
+    backend; vLLM's engine dies and is replaced in tests/test_vllm.py."""
     _, _, expected = clean
     cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager", "reference.pairs_per_call": 16,
+                                               "reference.num_actors": 2, "reference.cpus_per_actor": 0.5,
                                                "debug.fail_scoring_after_batches": 2})
     manifest = precompute(cfg)
     folder = dataset_folder(cfg, "reference", "train")
     assert os.path.exists(os.path.join(folder, "_debug_scoring_failed")), "the actor never died"
     assert manifest["counts"]["kept"] == 200
+    assert len(manifest["scored_by"]) >= 2, manifest["scored_by"]
     assert max_diff(scores(cfg), expected) <= 1e-6
 
 
