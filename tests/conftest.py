@@ -41,8 +41,10 @@ for _var in ("WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERI
 
 
 def pytest_sessionstart(session):
-    """In CI the vLLM tests must run, not skip: fail the run when vLLM or a model class cannot be imported."""
-    if not os.environ.get("CI"):
+    """In CI the vLLM tests must run, not skip: fail the run when vLLM or a model class cannot be imported.
+    Checked once, by pytest-xdist's controller (or the one process under -n 0), not again in each test process:
+    the import costs 7 CPU-seconds."""
+    if not os.environ.get("CI") or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     check = subprocess.run([sys.executable, "-c", "import vllm; from transformers import LlamaForCausalLM"],
                            capture_output=True, text=True)
