@@ -9,7 +9,7 @@ for on every step.
 Where LoRA touches the training loop:
 
 - dpo.sharding wraps the model (`add_adapters`) before DDP or FSDP2 sees it; AdamW gets only what trains;
-- checkpoints keep only the parameters that train (dpo.checkpoint.TRAINED_STATE), so a restore loads the
+- checkpoints keep only the parameters that train (dpo.checkpoint._tensors), so a restore loads the
   adapters and their AdamW moments over the base read again from model.policy;
 - the export (`save_merged`) writes `policy/` as full weights, the adapters merged in by peft, which
   transformers and vLLM load like any model, and `adapter/` (beside `policy/`) in peft's own format,

@@ -36,12 +36,11 @@ def _flags(parser) -> None:
 
 
 def build_model(cfg: Config, preset: str) -> None:
-    from transformers.utils import logging as hf_logging
-
     log.info("model.policy: a %s model built from data.train_files into %s", preset, cfg.model.policy)
-    hf_logging.disable_progress_bar()  # its saving bar, one line on the terminal that says nothing
     try:
-        build_local_model(cfg.model.policy, iter_texts(split_files(cfg, "train")), preset=preset, seed=cfg.run.seed)
+        # Without transformers' saving bar: one line on the terminal that says nothing.
+        build_local_model(cfg.model.policy, iter_texts(split_files(cfg, "train")), preset=preset, seed=cfg.run.seed,
+                          progress_bar=False)
     except ValueError as exc:
         raise UserError(f"--build-model: {exc}") from None
 

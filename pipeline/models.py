@@ -111,8 +111,10 @@ def build_llama(out_dir, tokenizer, *, hidden_size, num_layers, num_heads, num_k
     return str(out_dir)
 
 
-def build_local_model(out_dir, texts: Iterable[str], preset: str = "tiny", seed: int = 0) -> str:
-    """Tokenizer + model in one folder; returns at once if the same build is already there."""
+def build_local_model(out_dir, texts: Iterable[str], preset: str = "tiny", seed: int = 0,
+                      progress_bar: bool = True) -> str:
+    """Tokenizer + model in one folder; returns at once if the same build is already there (without importing
+    transformers). progress_bar=False turns off transformers' bars, process-wide, before it saves."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     texts = [t for t in texts if t]
@@ -137,6 +139,10 @@ def build_local_model(out_dir, texts: Iterable[str], preset: str = "tiny", seed:
         # never write over a folder we did not build (a user's real model, say)
         raise ValueError(f"{out} is not empty and holds no model built by pipeline.models; "
                          f"choose an empty or new folder")
+    if not progress_bar:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     params = dict(PRESETS[preset])
     vocab_size = params.pop("vocab_size")
     out.mkdir(parents=True, exist_ok=True)

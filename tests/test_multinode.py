@@ -132,7 +132,7 @@ def _wait(proc: subprocess.Popen, done, what: str, timeout: float = 600) -> None
     deadline = time.time() + timeout
     while not done():
         assert proc.poll() is None and time.time() < deadline, f"the job ended or stalled before {what}"
-        time.sleep(0.2)
+        time.sleep(0.5)  # each look lists or reads the bucket: CPU of moto's and of this process
 
 
 def _attempts(out: Path) -> list[dict]:

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from dpo import fingerprint as fpr
 from dpo import schema
-from dpo.batching import Pairs
+from dpo.batching import Pairs, collate
+from dpo.checkpoint import read_metrics
 from dpo.config import load_config
 from dpo.errors import UserError
+from dpo.forward import PolicyLogps, sequence_logps
 from dpo.storage import read_parquet_files
-from dpo.launch import DatasetFolder, read_pairs
+from dpo.launch import DatasetFolder, read_pairs, train
 from pipeline import manifest as mf
 from pipeline.precompute import precompute
-from pipeline.prepare import dataset_folder
+from pipeline.prepare import dataset_folder, find_datasets
 
 pytestmark = pytest.mark.usefixtures("ray_session", "one_torch_thread")
 
@@ -76,11 +81,21 @@ def test_cached_scores_equal_one_pair_per_forward_on_examples(clean, tiny_model,
     assert saved["model"]["policy"] == tiny_model
 
 
+# Real transcripts, long: many pairs are cut to max_length.
+HH_LENGTHS = {"data.max_length": 192, "data.max_prompt_length": 128}
+
+
+@pytest.fixture(scope="module")
+def hh_scored(tmp_path_factory, tiny_model, hh_pairs):
+    """The first 64 HH pairs scored once: the run folder, the config and the manifest."""
+    folder = tmp_path_factory.mktemp("hh")
+    cfg = make_config(folder, tiny_model, files=[hh_pairs], **HH_LENGTHS)
+    return folder, cfg, precompute(cfg)
+
+
 @pytest.mark.slow
-def test_cached_scores_equal_one_pair_per_forward_on_hh(tmp_path, tiny_model, hh_pairs, independent_logp):
-    cfg = make_config(tmp_path, tiny_model, files=[hh_pairs], **{"data.max_length": 192,
-                                                                  "data.max_prompt_length": 128})
-    manifest = precompute(cfg)
+def test_cached_scores_equal_one_pair_per_forward_on_hh(hh_scored, tiny_model, independent_logp):
+    _, cfg, manifest = hh_scored
     c = manifest["counts"]
     assert c["read"] == 64 and c["kept"] + c["rejected"] == 64 and c["kept"] >= 32
     rows = read_parquet_files(dataset_folder(cfg, "reference", "train"), manifest["files"]).to_pylist()
@@ -90,6 +105,32 @@ def test_cached_scores_equal_one_pair_per_forward_on_hh(tmp_path, tiny_model, hh
             independent_logp(tiny_model, r["prompt_ids"], r["chosen_ids"]), abs=1e-5)
         assert r["ref_rejected_logp"] == pytest.approx(
             independent_logp(tiny_model, r["prompt_ids"], r["rejected_ids"]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_scored, tiny_model, hh_pairs):
+    """Scoring and training agree on real pairs: the policy's log-probs in each of training's layouts are the
+    cached reference scores, and training's first step, policy == reference, gives margins 0 and loss ln 2."""
+    folder, _, manifest = hh_scored
+    assert manifest["counts"]["kept"] >= 24
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    pairs = Pairs.from_tables([read_parquet_files(str(folder / "run" / "reference"), manifest["files"])])
+    with torch.no_grad():
+        for layout in ("padded", "packed", "shared_prompt"):
+            inputs = collate(pairs, np.arange(len(pairs)), 0, layout).inputs
+            chosen, rejected = sequence_logps(PolicyLogps(model, 1024), inputs, average=False)
+            assert np.allclose(chosen.numpy(), pairs.ref_chosen, atol=1e-4, rtol=1e-6)
+            assert np.allclose(rejected.numpy(), pairs.ref_rejected, atol=1e-4, rtol=1e-6)
+    cfg = make_config(folder, tiny_model, files=[hh_pairs], **HH_LENGTHS, **{
+        "train.num_workers": 1, "train.batch_size": 8, "train.max_steps": 1, "train.save_policy": "false",
+        "train.loss_type": "sigmoid", "train.cpus_per_worker": 1})
+    result = train(cfg, *find_datasets(cfg))
+    first = read_metrics(result["metrics_path"])[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-4
+    assert abs(first["rewards/margins"]) < 1e-4
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
 
 
 @pytest.mark.slow
@@ -115,26 +156,18 @@ def test_what_the_writer_writes_is_what_training_reads(clean):
         assert pairs.tokens_per_pair[i] == 2 * row[schema.PROMPT_LENGTH] + row[schema.CHOSEN_LENGTH] + row[schema.REJECTED_LENGTH]
 
 
-def test_pairs_per_call_batch_tokens_and_actor_count_do_not_change_scores(clean, tmp_path, tiny_model):
-    _, _, expected = clean
-    cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager", "reference.num_actors": 2,
-                                               "reference.cpus_per_actor": 0.5,
-                                               "reference.pairs_per_call": 7, "reference.batch_tokens": 150})
-    precompute(cfg)
-    assert max_diff(scores(cfg), expected) <= 1e-6
-
-
 # --------------------------------------------------------------------------- resume and faults
 
 
 @pytest.mark.slow
 def test_rerun_after_interruption_scores_only_unfinished_shards(clean, tmp_path, tiny_model):
-    _, _, expected = clean
+    """The clean run's folder, as an interrupted run of the same config leaves it (that run itself costs no
+    scoring here): the manifest never written and two of its 4 shards never committed."""
+    clean_cfg, first, expected = clean
     cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager"})
-    first = precompute(cfg)
     assert first["written_shards"] == 4
     folder = dataset_folder(cfg, "reference", "train")
-    # An interrupted run: the manifest was never written and two shards never committed.
+    shutil.copytree(dataset_folder(clean_cfg, "reference", "train"), folder)
     os.remove(os.path.join(folder, fpr.MANIFEST))
     for shard in ("0000-000001", "0000-000003"):
         os.remove(os.path.join(folder, mf.SHARDS, f"{shard}.json"))
@@ -150,14 +183,16 @@ def test_rerun_after_interruption_scores_only_unfinished_shards(clean, tmp_path,
 
 @pytest.mark.slow
 def test_scoring_actor_killed_mid_run_is_restarted_and_scores_match(clean, tmp_path, tiny_model):
-    """2 scoring actors on 200 pairs in 4 shards; one dies after its second batch and Ray restarts it. Every
-    pair is written once (scores() refuses a pair written twice), by both actors, with the clean run's scores.
+    """2 scoring actors on 200 pairs in 4 shards, 7 pairs a call in batches of at most 150 tokens (the clean
+    run: 1 actor, 64 pairs a call, 1024 tokens); one dies after its second batch and Ray restarts it. Every
+    pair is written once (scores() refuses a pair written twice), by both actors, with the clean run's scores:
+    neither the calls' sizes, nor the actor count, nor a restart change a score.
     What this proves (the pool's restart, the shards written once: pipeline.stage) does not depend on the
     backend; vLLM's engine dies and is replaced in tests/test_vllm.py."""
     _, _, expected = clean
-    cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager", "reference.pairs_per_call": 16,
-                                               "reference.num_actors": 2, "reference.cpus_per_actor": 0.5,
-                                               "debug.fail_scoring_after_batches": 2})
+    cfg = make_config(tmp_path, tiny_model, **{"model.attn_implementation": "eager", "reference.pairs_per_call": 7,
+                                               "reference.batch_tokens": 150, "reference.num_actors": 2,
+                                               "reference.cpus_per_actor": 0.5, "debug.fail_scoring_after_batches": 2})
     manifest = precompute(cfg)
     folder = dataset_folder(cfg, "reference", "train")
     assert os.path.exists(os.path.join(folder, "_debug_scoring_failed")), "the actor never died"

@@ -37,7 +37,7 @@ pytestmark = [
 ]
 # The README's quickstart with vLLM scoring, word for word.
 README_LINE = ("python -m jobs.pipeline --config configs/quickstart.yaml --build-model quickstart "
-               "reference.backend=vllm run.output_dir=runs/quickstart-vllm train.epochs=1")
+               "reference.backend=vllm run.output_dir=runs/quickstart-vllm train.max_steps=20")
 
 
 def transformers_token_logps(model, prompt: list[int], response: list[int]) -> list[float]:
@@ -196,10 +196,9 @@ def test_quickstart_line_scores_every_pair_once_as_hf_does(quickstart_vllm):
 # build, 2 per scoring stage (its rows and shards, a progress report 30 s on), 2 summary tables of 14 lines, the
 # training's first line and 19 progress lines (186 steps, train.log_every=10), its table of 17 and the
 # pipeline's of 6: 77 (76 with transformers scoring, whose eval stage ended within 30 s), and since step 1 is
-# always logged, one progress line more. The README's vLLM line trains one epoch (62 steps), 13 progress lines
-# fewer. Before the log file took the rest, the
-# transformers run printed 329 (Ray Data's progress every 10 s, Ray Train's reports, its placement group
-# monitor's warnings, the resolved config).
+# always logged, one progress line more. The README's vLLM line trains 20 steps (progress at steps 1, 10 and 20),
+# 17 progress lines fewer. Before the log file took the rest, the transformers run printed 329 (Ray Data's
+# progress every 10 s, Ray Train's reports, its placement group monitor's warnings, the resolved config).
 TERMINAL_LINES = 90
 
 
