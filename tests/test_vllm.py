@@ -85,12 +85,9 @@ def engine(exported_model, s3_server, tmp_path_factory):
     cfg = load_config(None, [f"model.policy={upload_folder(exported_model, 'raydpo-vllm', 'exported')}",
                              "data.max_length=255", "data.max_prompt_length=128", "reference.batch_tokens=4096"])
     cache = tmp_path_factory.mktemp("node-cache")
-    before = os.environ.get("RAYDPO_MODEL_CACHE")
-    os.environ["RAYDPO_MODEL_CACHE"] = str(cache)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAYDPO_MODEL_CACHE", str(cache))
         scorer = VLLMScorer(*vllm_scorer_args(cfg, BUILD))
-    finally:
-        os.environ.pop("RAYDPO_MODEL_CACHE") if before is None else os.environ.update(RAYDPO_MODEL_CACHE=before)
     loaded = Path(scorer.llm.model_config.model)
     assert loaded.parent == cache and loaded.name.startswith("exported-")
     assert {p.name: p.read_bytes() for p in loaded.iterdir()} == \
