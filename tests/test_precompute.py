@@ -111,12 +111,12 @@ def test_cached_scores_equal_one_pair_per_forward_on_hh(hh_scored, tiny_model, i
 def test_first_step_on_hh_is_ln2_with_policy_as_reference(hh_scored, tiny_model, hh_pairs):
     """Scoring and training agree on real pairs: the policy's log-probs in each of training's layouts are the
     cached reference scores, and training's first step, policy == reference, gives margins 0 and loss ln 2."""
-    folder, _, manifest = hh_scored
+    folder, scored, manifest = hh_scored
     assert manifest["counts"]["kept"] >= 24
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    pairs = Pairs.from_tables([read_parquet_files(str(folder / "run" / "reference"), manifest["files"])])
+    pairs = Pairs.from_tables([read_parquet_files(dataset_folder(scored, "reference", "train"), manifest["files"])])
     with torch.no_grad():
         for layout in ("padded", "packed", "shared_prompt"):
             inputs = collate(pairs, np.arange(len(pairs)), 0, layout).inputs
